@@ -1,0 +1,15 @@
+"""avdiag: diagnostics for pre-trained audio-visual checkpoints.
+
+Pipeline: ``avdiag.load`` (safe checkpoint I/O) -> ``avdiag.locate`` (layers, modalities) ->
+``avdiag.measure`` (static scan) -> ``avdiag.report`` (terminal, JSON).
+"""
+
+__version__ = "0.1.0"
+
+from avdiag.errors import AvdiagError  # noqa: E402
+from avdiag.inspection import InspectResult, inspect_checkpoint  # noqa: E402
+from avdiag.load import Checkpoint, load_checkpoint  # noqa: E402
+from avdiag.measure.thresholds import ABNORMAL_PRESETS, Thresholds  # noqa: E402
+
+__all__ = ["AvdiagError", "Checkpoint", "InspectResult", "Thresholds", "ABNORMAL_PRESETS",
+           "inspect_checkpoint", "load_checkpoint", "__version__"]

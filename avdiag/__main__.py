@@ -1,0 +1,5 @@
+import sys
+
+from avdiag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The `avdiag` command line. Each command parses options, calls the library, renders the result.
+
+Exit codes: 0 analysed; 2 unreadable, refused or usage error (one line on stderr, no traceback;
+``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from avdiag import __version__
+from avdiag.errors import EXIT_ERROR, EXIT_OK, AvdiagError, UsageError
+from avdiag.measure.thresholds import ABNORMAL_PRESETS, Thresholds
+
+app = typer.Typer(
+    name="avdiag",
+    help="Diagnose pre-trained audio-visual checkpoints: dead BatchNorm channels, modality imbalance.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_DEFAULTS = Thresholds()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"avdiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """avdiag: safe loading, dead-channel scans and rewrites for audio-visual checkpoints."""
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file, or a sharded checkpoint folder.")],
+    json_out: Annotated[Optional[str], typer.Option("--json", metavar="PATH",
+                        help="Write the JSON report to PATH ('-' = stdout, and nothing else on stdout).")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Add per-channel arrays to the JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")] = False,
+    modality: Annotated[list[str], typer.Option("--modality", metavar="NAME=PREFIX",
+                        help="Assign layers under PREFIX to modality NAME (repeatable); overrides auto-detection.")] = [],
+    bn_eps: Annotated[Optional[float], typer.Option("--bn-eps", help="BatchNorm eps where the graph does not tell "
+                      "[default: the architecture's, else 1e-5].")] = None,
+    dead_z: Annotated[float, typer.Option("--dead-z", help="Dead when z = beta/s is below this.")] = _DEFAULTS.dead_z,
+    abnormal: Annotated[Optional[float], typer.Option("--abnormal-threshold",
+                        help="Abnormal affine pair: |gamma| and |beta| below this [default: 1e-10].")] = None,
+    abnormal_preset: Annotated[Optional[str], typer.Option("--abnormal-preset",
+                               help=f"Paper presets for the threshold: {', '.join(f'{k}={v:g}' for k, v in ABNORMAL_PRESETS.items())}.")] = None,
+    constant_scale: Annotated[float, typer.Option("--constant-scale",
+                              help="Constant channel: effective scale s below this.")] = _DEFAULTS.constant_scale,
+    low_gain: Annotated[float, typer.Option("--low-gain", help="Low gain: |gamma| below this.")] = _DEFAULTS.low_gain,
+    collapsed: Annotated[float, typer.Option("--collapsed-filter",
+                         help="Collapsed filter: norm below this times the layer's median.")] = _DEFAULTS.collapsed_filter,
+    assume_activation: Annotated[Optional[str], typer.Option("--assume-activation", metavar="ACT",
+                                 help="Where what a BN feeds is unknown, assume ACT (e.g. relu).")] = None,
+    allow_global: Annotated[list[str], typer.Option("--allow-global", metavar="pkg.Class",
+                            help="Admit this pickle global as an inert placeholder (repeatable).")] = [],
+    unsafe: Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
+                      "in the file. Only for files you made yourself.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> int:
+    """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
+    from avdiag.inspection import inspect_checkpoint
+    from avdiag.report.jsonout import write_json
+    from avdiag.report.terminal import render_inspect
+
+    thresholds = Thresholds(dead_z=dead_z, abnormal=_abnormal(abnormal, abnormal_preset),
+                            constant_scale=constant_scale, low_gain=low_gain, collapsed_filter=collapsed)
+    if unsafe:
+        _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
+    result = inspect_checkpoint(checkpoint, thresholds=thresholds, modality=list(modality), bn_eps=bn_eps,
+                                assume_activation=assume_activation, allow_globals=list(allow_global),
+                                unsafe=unsafe)
+    if json_out is not None:
+        write_json(result.to_dict(per_channel=per_channel), json_out)
+    if json_out != "-":
+        render_inspect(result, _console(), quiet=quiet)
+    return EXIT_OK
+
+
+def _console() -> Console:
+    # Piped output gets a wide page instead of rich's 80 columns, so tables are not truncated.
+    return Console(width=shutil.get_terminal_size((120, 40)).columns)
+
+
+def _abnormal(value: float | None, preset: str | None) -> float:
+    if value is not None and preset is not None:
+        raise UsageError("give --abnormal-threshold or --abnormal-preset, not both")
+    if preset is not None:
+        if preset not in ABNORMAL_PRESETS:
+            raise UsageError(f"--abnormal-preset must be one of {', '.join(ABNORMAL_PRESETS)}, got {preset!r}")
+        return ABNORMAL_PRESETS[preset]
+    return _DEFAULTS.abnormal if value is None else value
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (the console script passes it to sys.exit)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="avdiag", standalone_mode=False)
+        return result if isinstance(result, int) else EXIT_OK
+    except AvdiagError as e:
+        if debug:
+            traceback.print_exc()
+        _stderr(f"avdiag: error: {_one_line(e)}")
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        _stderr("avdiag: error: aborted")
+        return EXIT_ERROR
+    except typer.TyperException as e:  # usage errors from the argument parser
+        if debug:
+            traceback.print_exc()
+        _stderr(f"avdiag: error: {_one_line(e.format_message())}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _stderr("avdiag: error: interrupted")
+        return 130
+    except Exception as e:  # a bug of ours: still one line, the traceback behind --debug
+        if debug:
+            traceback.print_exc()
+        _stderr(f"avdiag: error: internal error: {type(e).__name__}: {_one_line(e)[:300]} (rerun with --debug)")
+        return EXIT_ERROR

@@ -1,0 +1,43 @@
+"""Findings: one problem, one stable rule id, one location. Shared by every command."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+
+# Stable rule ids (documented in the README). Never renumber or reuse.
+NONFINITE = "nonfinite-tensor"
+DEAD = "dead-channels"
+ABNORMAL = "abnormal-affine"
+CONSTANT = "constant-channels"
+LOW_GAIN = "low-gain-channels"
+COLLAPSED = "collapsed-filters"
+POSSIBLY_DEAD = "possibly-dead-channels"
+NO_BATCHNORM = "no-batchnorm"
+
+RULES = {
+    NONFINITE: (ERROR, "a tensor holds NaN or Inf values"),
+    DEAD: (WARNING, "BN channels feeding an activation that (almost) never fire: z < dead_z"),
+    ABNORMAL: (WARNING, "BN channels whose |gamma| and |beta| are both below the abnormal threshold"),
+    CONSTANT: (INFO, "BN channels with effective scale s below constant_scale: output ~ beta"),
+    LOW_GAIN: (INFO, "BN channels with |gamma| below low_gain"),
+    COLLAPSED: (WARNING, "conv filters feeding a BN that are ~0 (norm below collapsed_filter x median)"),
+    POSSIBLY_DEAD: (INFO, "channels that would be dead if an activation follows; the activation is unknown"),
+    NO_BATCHNORM: (WARNING, "no BatchNorm layer found: the dead-channel scan had nothing to look at"),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: str
+    location: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def finding(rule_id: str, location: str, message: str) -> Finding:
+    return Finding(rule_id, RULES[rule_id][0], location, message)

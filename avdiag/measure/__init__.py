@@ -1,0 +1,1 @@
+"""Measure: static per-channel statistics and verdicts (activation probes come with --data)."""

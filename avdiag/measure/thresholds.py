@@ -1,0 +1,21 @@
+"""Thresholds of the static verdicts, with their documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# |gamma| and |beta| both below this make an "abnormal affine pair" (Feng et al. 2023). The paper's
+# main per-layer ratio uses 1e-10; other figures use 2e-5 and 1e-40.
+ABNORMAL_PRESETS = {"paper": 1e-10, "loose": 2e-5, "strict": 1e-40}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    dead_z: float = -3.0  # dead when z = beta / s is below this and an activation follows
+    abnormal: float = ABNORMAL_PRESETS["paper"]  # abnormal affine pair: |gamma| < t and |beta| < t
+    constant_scale: float = 1e-3  # constant channel: effective scale s below this
+    low_gain: float = 1e-2  # low gain: |gamma| below this
+    collapsed_filter: float = 1e-6  # collapsed filter: norm below this times the layer's median
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)

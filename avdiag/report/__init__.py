@@ -1,0 +1,1 @@
+"""Report: render results for people (terminal) and machines (JSON)."""
