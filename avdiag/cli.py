@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -119,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (the console script passes it to sys.exit)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")  # stderr carries at most the one error line
+        return _run(args, debug)
+
+
+def _run(args: list[str], debug: bool) -> int:
     try:
         result = app(args=args, prog_name="avdiag", standalone_mode=False)
         return result if isinstance(result, int) else EXIT_OK

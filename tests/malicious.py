@@ -11,11 +11,11 @@ The payloads are real.  Never load these files with ``pickle.load`` or
 ``torch.load(weights_only=False)`` inside the test suite.
 
 ``MALICIOUS`` lists ``(name, builder)`` pairs.  ``NAMES_GLOBAL`` is the subset
-of case names for which the pickle is a plain ``torch.save``-style zip record
-whose offending globals are visible to a static scan
-(``torch.serialization.get_unsafe_globals_in_checkpoint``), so the error line
-is expected to name one of them; ``unsafe_globals_in`` computes those names
-from the bytes with ``pickletools``.
+of case names (torch zips whose data.pkl uses plain GLOBAL opcodes) for which
+the error line is expected to name an offending global; ``unsafe_globals_in``
+computes those names from the bytes with ``pickletools`` (nothing is ever
+unpickled).  ``ASYNC_PAYLOADS`` are the cases whose payload would start a
+child process without waiting for it.
 """
 
 from __future__ import annotations
@@ -682,12 +682,15 @@ MALICIOUS: list[tuple[str, Builder]] = [
     ("pt2_pickled_constant", pt2_pickled_constant),
 ]
 
-# Plain torch.save-style zips (data.pkl reachable by
-# get_unsafe_globals_in_checkpoint, GLOBAL opcodes only): the error line must
-# name an offending global.  Left out on purpose: legacy / raw pickles (not
-# zips), TorchScript (torch refuses to scan it), .pt2 (the pickle is nested one
-# level down), the sharded folders (the offender is in one shard) and
-# handzip_stack_global (STACK_GLOBAL is invisible to torch's static scan).
+# Torch zips whose data.pkl reaches the offending global through a plain
+# GLOBAL opcode: torch.serialization.get_unsafe_globals_in_checkpoint lists it
+# (torch.save cases) or the weights-only unpickler's error names it (handzip
+# cases, whose POP opcode makes torch's static scan give up).  For these the
+# error line must name an offending global.  Left out on purpose: legacy / raw
+# pickles (not zips), TorchScript (torch refuses to scan it), .pt2 (the pickle
+# is nested one level down), the sharded folders (the offender is in one
+# shard) and handzip_stack_global (STACK_GLOBAL is unsupported by both torch
+# scanners, so torch never sees the name).
 NAMES_GLOBAL: frozenset[str] = frozenset(
     {
         "zip_nested_os_system",
@@ -710,6 +713,11 @@ NAMES_GLOBAL: frozenset[str] = frozenset(
         "handzip_build_setstate_hijack",
     }
 )
+
+
+# Payloads that start a child process without waiting for it: give them a
+# moment before concluding the sentinel was not created.
+ASYNC_PAYLOADS: frozenset[str] = frozenset({"zip_ordereddict_popen", "zip_os_popen", "raw_pickle_bin"})
 
 
 # --------------------------------------------------------------------------

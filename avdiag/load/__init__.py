@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def load_checkpoint(path: str | Path, *, allow_globals: list[str] | tuple[str, .
     path = Path(path)
     fmt = detect.detect_format(path)
     allow = list(allow_globals)
-    raw = _read(path, fmt, allow, unsafe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation chatter about old pickles is not for users
+        raw = _read(path, fmt, allow, unsafe)
     if len(raw.tensors) == 0:
         raise NothingToAnalyseError(f"{path}: holds no tensors (nothing to analyse)")
     rename, steps = strip_wrapper_prefixes(raw.tensors.names())

@@ -108,6 +108,18 @@ def load_torch_pickle(path: Path | io.BytesIO, fmt: str, allow: list[str], unsaf
             raise _refusal(path, _names_in_message(str(e)) or ["(unnamed)"]) from e
 
 
+def refuse_unsafe_bytes(data: bytes, label: str, allow: list[str]) -> None:
+    """Raise UnsafeCheckpointError if the torch pickle ``data`` names globals outside the allow-list."""
+    fmt = "torch-zip" if data[:4] in (b"PK\x03\x04", b"PK\x05\x06") else "torch-legacy"
+    with torch.serialization.safe_globals(_safe_globals(allow)):
+        try:
+            offending = _unsafe_globals(io.BytesIO(data), fmt)
+        except UnreadableCheckpointError:
+            offending = sorted(scan_globals(io.BytesIO(data)) - _allowed_names())
+    if offending:
+        raise _refusal(Path(label), offending)
+
+
 def _torch_load(path: Path | io.BytesIO, mmap: bool, weights_only: bool) -> Any:
     if isinstance(path, io.BytesIO):
         path.seek(0)
@@ -122,13 +134,29 @@ def _torch_load(path: Path | io.BytesIO, mmap: bool, weights_only: bool) -> Any:
 def _unsafe_globals(path: Path | io.BytesIO, fmt: str) -> list[str]:
     try:
         if fmt == "torch-zip":
-            source = str(path) if isinstance(path, Path) else path
-            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+            return _zip_unsafe_globals(path)
         return sorted(_legacy_globals(path) - _allowed_names())
     except (UnreadableCheckpointError, UnsafeCheckpointError):
         raise
     except Exception as e:
         raise UnreadableCheckpointError(f"{path}: cannot read torch checkpoint ({_first_line(e)})") from e
+
+
+def _zip_unsafe_globals(path: Path | io.BytesIO) -> list[str]:
+    source = str(path) if isinstance(path, Path) else path
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+    except RuntimeError:
+        raise
+    except Exception:
+        # torch's scanner knows only the opcodes torch.save writes; a hand-made pickle may use others.
+        # Disassemble it ourselves so the refusal can still name what it references.
+        if isinstance(path, io.BytesIO):
+            path.seek(0)
+        with zipfile.ZipFile(path) as zf:
+            record = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+            names = scan_globals(io.BytesIO(zf.read(record)))
+        return sorted(names - _allowed_names())
 
 
 def _allowed_names() -> set[str]:

@@ -14,7 +14,7 @@ import torch
 
 from avdiag.errors import UnreadableCheckpointError
 from avdiag.load import detect
-from avdiag.load.pickle_safety import load_torch_pickle, read_zip_record
+from avdiag.load.pickle_safety import load_torch_pickle, read_zip_record, refuse_unsafe_bytes
 from avdiag.load.store import TensorInfo, TensorStore
 from avdiag.load.unwrap import Unwrapped, find_state_dict
 
@@ -130,7 +130,26 @@ def read_torch_export(path: Path, allow: list[str], unsafe: bool) -> RawCheckpoi
     store = TensorStore()
     for fqn, entry in config.items():
         _add_pt2_weight(store, zf, root, path, fqn, entry, allow, unsafe)
+    if not unsafe:
+        _refuse_unsafe_pt2_records(zf, names, root, config, path, allow)
     return RawCheckpoint(store, [Unwrapped("module", "torch.export program")], files=[path], graph=program)
+
+
+def _refuse_unsafe_pt2_records(zf: zipfile.ZipFile, names: list[str], root: str, weights: dict,
+                               path: Path, allow: list[str]) -> None:
+    """avdiag reads only the weights, but torch.export.load would unpickle the rest (constants, custom
+    objects) unchecked: a payload anywhere in the archive is refused."""
+    raw = {f"{root}data/weights/{e.get('path_name')}" for e in weights.values()
+           if isinstance(e, dict) and not e.get("use_pickle")}
+    for name in names:
+        if not name.startswith(root + "data/") or name.endswith(".json") or name in raw:
+            continue
+        data = read_zip_record(zf, name)
+        if data[:1] == b"\x80" or data.startswith(detect.ZIP_MAGICS):
+            try:
+                refuse_unsafe_bytes(data, f"{path}:{name[len(root):]}", allow)
+            except UnreadableCheckpointError:
+                pass  # not a pickle after all: nothing that torch would execute
 
 
 def _pt2_json(zf: zipfile.ZipFile, names: list[str], suffix: str, path: Path) -> dict:

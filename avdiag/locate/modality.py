@@ -115,13 +115,13 @@ def _modality_word(name: str) -> tuple[str, str] | None:
 
 
 def _layout_name(names: list[str], found: dict[str, str]) -> str:
-    prefixes = set(found.values())
+    leaves = {p.rstrip(".").rsplit(".", 1)[-1] for p in found.values()}
     has = lambda part: any(part in n for n in names)  # noqa: E731
-    if {"parta.", "partv."} <= prefixes:
+    if {"parta", "partv"} <= leaves:
         return "ogm-ge-legacy"
-    if any(p.endswith("encoder_1.") for p in prefixes):
+    if "encoder_1" in leaves:
         return "opm-journal"
-    if any("modality_encoder." in p for p in prefixes):
+    if any("modality_encoder." in p for p in found.values()):
         return "balancemm"
     if has("head_audio.") or has("head_video."):
         return "mmpareto"
@@ -147,7 +147,7 @@ def _heads(store: TensorStore, layout: Layout) -> list[Head]:
 def _fusion_kind(layout: Layout) -> str | None:
     if layout.name not in ("ogm-ge",):
         return "concat" if layout.name in ("ogm-ge-legacy", "opm-journal", "mmpareto", "balancemm", "crmt") else None
-    leaves = {h.name.rsplit(".", 1)[-1] for h in layout.heads if h.name.startswith("fusion_module.")}
+    leaves = {h.name.rsplit(".", 1)[-1] for h in layout.heads if "fusion_module" in h.name.split(".")[:-1]}
     if {"fc_x", "fc_y", "fc_out"} <= leaves:
         return "gated"
     if {"fc", "fc_out"} <= leaves:

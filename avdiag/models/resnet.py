@@ -102,7 +102,7 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ValueError("expected a 4-D (B, C, H, W) input")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
