@@ -71,6 +71,7 @@ def inspect(
                             help="Admit this pickle global as an inert placeholder (repeatable).")] = [],
     unsafe: Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
                       "in the file. Only for files you made yourself.")] = False,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the file's SHA-256 (reported as null).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
@@ -84,7 +85,7 @@ def inspect(
         _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
     result = inspect_checkpoint(checkpoint, thresholds=thresholds, modality=list(modality), bn_eps=bn_eps,
                                 assume_activation=assume_activation, allow_globals=list(allow_global),
-                                unsafe=unsafe)
+                                unsafe=unsafe, hash_file=not no_hash)
     if json_out is not None:
         write_json(result.to_dict(per_channel=per_channel), json_out)
     if json_out != "-":

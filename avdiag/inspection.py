@@ -52,7 +52,7 @@ class ModalitySummary:
 class CheckpointSummary:
     path: str
     format: str
-    sha256: str
+    sha256: str | None
     size_bytes: int
     n_tensors: int
     n_elements: int
@@ -149,11 +149,13 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool) -> dict[str, Any]:
 def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None,
                        modality: dict[str, str] | list[str] | None = None, bn_eps: float | None = None,
                        assume_activation: str | None = None, allow_globals: list[str] | tuple[str, ...] = (),
-                       unsafe: bool = False) -> InspectResult:
+                       unsafe: bool = False, hash_file: bool = True) -> InspectResult:
     """Load ``path`` safely and scan every BatchNorm channel statically.
 
     ``modality`` maps modality names to name prefixes (``{"audio": "audio_net"}`` or
-    ``["audio=audio_net"]``); without it the research layouts are detected. Raises
+    ``["audio=audio_net"]``); without it the research layouts are detected. ``hash_file=False``
+    skips the SHA-256 (``checkpoint.sha256`` is then None), which bounds the run time on files that
+    the page cache serves faster than SHA-256 can digest them. Raises
     :class:`avdiag.errors.AvdiagError` subclasses for unreadable or refused files.
     """
     thresholds = thresholds or Thresholds()
@@ -162,9 +164,9 @@ def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None
     ckpt = load_checkpoint(path, allow_globals=allow_globals, unsafe=unsafe)
     located = locate(ckpt, modality_overrides=overrides, bn_eps=bn_eps, assume_activation=assume_activation)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(sha256_of, ckpt.files)  # hashing overlaps with the tensor scan
+        digest = pool.submit(sha256_of, ckpt.files) if hash_file else None  # overlaps the tensor scan
         verdicts, scan = _measure(ckpt, located, thresholds)
-        sha = digest.result()
+        sha = digest.result() if digest else None
     summary = CheckpointSummary(str(ckpt.path), ckpt.format, sha, sum(f.stat().st_size for f in ckpt.files),
                                 scan.n_tensors, scan.n_elements, [u.to_dict() for u in ckpt.unwrapped], ckpt.extras)
     modalities = _summarise(verdicts, located.layout)

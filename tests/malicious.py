@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tarfile
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -140,9 +141,11 @@ def benign_torch_zip_bytes() -> bytes:
 @functools.lru_cache(maxsize=None)
 def benign_torchscript_bytes() -> bytes:
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
-    traced = torch.jit.trace(model, torch.zeros(1, 1, 3, 3))
     buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.* is deprecated in 2.13
+        traced = torch.jit.trace(model, torch.zeros(1, 1, 3, 3))
+        torch.jit.save(traced, buf)
     return buf.getvalue()
 
 

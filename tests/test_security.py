@@ -207,6 +207,7 @@ def test_malicious_refused(name: str, build_case, capsys) -> None:
     )
     assert code == 2, f"exit {code} for malicious {name}; stderr={err!r}"
     line = assert_one_error_line(err)
+    assert path.name in line, f"the error line does not say which file: {line!r}"
     if name in NAMES_GLOBAL:
         assert_names_a_global(line, path)
     assert snapshot(path) == before, "the checkpoint was modified"

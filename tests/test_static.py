@@ -125,7 +125,8 @@ def test_zero_scale_gives_signed_infinite_z():
 
 
 def test_constant_channel_with_tiny_positive_beta_is_dead():
-    """z = +inf, but the output is a constant <= constant_scale: nothing passes the ReLU."""
+    """z = +inf, but the output is a constant of at most constant_scale (~0 after the ReLU, no signal):
+    counted dead, as the constant rule in judge() says; a larger constant output is not."""
     v = verdicts(bn(3), gamma=[1.0] * 3, beta=[5e-4, 1e-3, 2e-3], rv=[0.0] * 3)
     np.testing.assert_array_equal(v.stats.z, [np.inf] * 3)
     assert v.constant == [0, 1, 2]
@@ -133,7 +134,7 @@ def test_constant_channel_with_tiny_positive_beta_is_dead():
 
 
 def test_infinite_z_is_written_as_strings_in_json(tmp_path, capsys):
-    path = save(tmp_path, {"enc.conv.weight": torch.ones(2, 1, 3, 3, dtype=torch.float64),
+    path = save(tmp_path, {"enc.conv.weight": torch.ones(2, 1, 3, 3),
                            **bn_tensors("enc.bn", [0.0, 0.0], [-1.0, 1.0], [1.0, 1.0])})
     code, report, _ = run_cli([str(path), "--per-channel"], tmp_path, capsys)
     assert code == 0
@@ -242,7 +243,7 @@ PRESET_GAMMAS = [5e-11, 1e-6, 1e-41, 1e-3]  # beta = 0 in all four channels
     ("strict", [2]),  # 1e-40
 ])
 def test_abnormal_presets_through_the_cli(preset, expected, tmp_path, capsys):
-    path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3, dtype=torch.float64),
+    path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3),
                            **bn_tensors("enc.bn", PRESET_GAMMAS, [0.0] * 4, [1.0] * 4)})
     code, report, _ = run_cli([str(path), "--abnormal-preset", preset], tmp_path, capsys)
     assert code == 0
@@ -256,7 +257,7 @@ def test_abnormal_presets_are_the_papers_values():
 
 
 def test_abnormal_default_and_explicit_threshold_through_the_cli(tmp_path, capsys):
-    path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3, dtype=torch.float64),
+    path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3),
                            **bn_tensors("enc.bn", PRESET_GAMMAS, [0.0] * 4, [1.0] * 4)})
     code, report, _ = run_cli([str(path)], tmp_path, capsys)
     assert code == 0 and report["thresholds"]["abnormal"] == 1e-10
@@ -276,7 +277,7 @@ def test_abnormal_preset_usage_errors(tmp_path, capsys):
 
 
 def test_dead_z_option_through_the_cli(tmp_path, capsys):
-    path = save(tmp_path, {"enc.relu_bn.weight": torch.ones(2, dtype=torch.float64),
+    path = save(tmp_path, {"enc.relu_bn.weight": torch.ones(2),
                            "enc.relu_bn.bias": torch.tensor([-2.0, -4.0], dtype=torch.float64),
                            "enc.relu_bn.running_mean": torch.zeros(2, dtype=torch.float64),
                            "enc.relu_bn.running_var": torch.ones(2, dtype=torch.float64)})
@@ -292,24 +293,33 @@ def test_dead_z_option_through_the_cli(tmp_path, capsys):
 
 
 def test_collapsed_filter_threshold_relative_to_median():
-    norms = [1.0, 2.0, 1.5, 0.0, 1e-7, 1e-5]  # median 1.0 -> threshold 1e-6
-    v = verdicts(bn(6), filter_norm=norms, gamma=[1.0] * 6, beta=[1.0] * 6, rv=[1.0] * 6)
-    assert v.collapsed == [3, 4]
-    assert verdicts(bn(6), Thresholds(collapsed_filter=1e-4), filter_norm=norms, gamma=[1.0] * 6,
-                    beta=[1.0] * 6, rv=[1.0] * 6).collapsed == [3, 4, 5]
-    assert verdicts(bn(6), gamma=[1.0] * 6, beta=[1.0] * 6, rv=[1.0] * 6).collapsed == []
+    at = 1e-6 * 100.0  # default collapsed_filter times the median below: the boundary, inclusive
+    norms = [100.0, 200.0, 150.0, 120.0, 0.0, at, float(np.nextafter(at, 1)), 1e-3, 110.0]  # median 100
+    assert np.median(norms) == 100.0
+    ones = dict(gamma=[1.0] * 9, beta=[1.0] * 9, rv=[1.0] * 9)
+    assert verdicts(bn(9), filter_norm=norms, **ones).collapsed == [4, 5]
+    assert verdicts(bn(9), Thresholds(collapsed_filter=1e-5), filter_norm=norms, **ones).collapsed == [4, 5, 6, 7]
+    assert verdicts(bn(9), Thresholds(collapsed_filter=1e-9), filter_norm=norms, **ones).collapsed == [4]
+    assert verdicts(bn(9), **ones).collapsed == []  # no feeding conv known: no verdict
 
 
-def test_zeroed_conv_filter_is_flagged_end_to_end(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d).split(".")[-1])
+def test_zeroed_conv_filter_is_flagged_end_to_end(dtype, tmp_path):
+    """Conv weights of any stored dtype (quantised checkpoints keep int8/float8 filter banks)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, bias=False), torch.nn.BatchNorm2d(5), torch.nn.ReLU())
     with torch.no_grad():
+        net[0].weight.mul_(20)
         net[0].weight[2].zero_()
-    result = inspect_checkpoint(save(tmp_path, net.state_dict()))
+    sd = net.state_dict()
+    sd["0.weight"] = sd["0.weight"].to(dtype)
+    result = inspect_checkpoint(save(tmp_path, sd))
     (v,) = result.layers
     assert v.layer.conv == "0"
-    expected_norms = net[0].weight.detach().double().reshape(5, -1).norm(dim=1).numpy()
-    np.testing.assert_allclose(v.stats.filter_norm, expected_norms, rtol=1e-12)
+    expected_norms = sd["0.weight"].double().reshape(5, -1).norm(dim=1).numpy()
+    assert np.count_nonzero(expected_norms) == 4
+    np.testing.assert_allclose(v.stats.filter_norm, expected_norms, rtol=1e-6)
     assert v.collapsed == [2]
     assert any(f.id == "collapsed-filters" and f.location == "1" for f in result.findings)
 
@@ -347,7 +357,7 @@ def test_unknown_activation_gives_possibly_dead_not_dead():
 
 
 def _unknown_ckpt(tmp_path) -> Path:
-    return save(tmp_path, {"enc.conv.weight": torch.ones(4, 2, 3, 3, dtype=torch.float64),
+    return save(tmp_path, {"enc.conv.weight": torch.ones(4, 2, 3, 3),
                            **bn_tensors("enc.bn", SILENT["gamma"], SILENT["beta"], SILENT["rv"])})
 
 
@@ -374,9 +384,9 @@ def test_assume_activation_through_the_cli(tmp_path, capsys):
 
 
 def test_assume_activation_does_not_override_known_layers(tmp_path):
-    tensors = {"_conv_stem.weight": torch.ones(4, 3, 3, 3, dtype=torch.float64),
+    tensors = {"_conv_stem.weight": torch.ones(4, 3, 3, 3),
                **bn_tensors("_bn0", *SILENT.values()),
-               "_blocks.0._project_conv.weight": torch.ones(4, 4, 1, 1, dtype=torch.float64),
+               "_blocks.0._project_conv.weight": torch.ones(4, 4, 1, 1),
                **bn_tensors("_blocks.0._bn2", *SILENT.values()),
                **bn_tensors("enc.downsample_bn", *SILENT.values())}
     result = inspect_checkpoint(save(tmp_path, tensors), assume_activation="relu")
@@ -406,7 +416,7 @@ def test_default_eps_and_user_eps():
 def test_bn_eps_changes_the_scale_of_default_eps_layers(tmp_path, capsys):
     rv = np.array([1e-4, 1e-2, 1.0])
     gamma = np.array([1.0, -2.0, 0.5])
-    path = save(tmp_path, {"enc.conv.weight": torch.ones(3, 1, 3, 3, dtype=torch.float64),
+    path = save(tmp_path, {"enc.conv.weight": torch.ones(3, 1, 3, 3),
                            **bn_tensors("enc.bn", gamma, [0.0] * 3, rv)})
     for eps, source in ((None, "default"), (1e-2, "user"), (1.0, "user")):
         (v,) = inspect_checkpoint(path, bn_eps=eps).layers
@@ -496,3 +506,33 @@ def test_cli_thresholds_land_in_the_json(tmp_path, capsys):
     assert code == 0
     assert Thresholds(**report["thresholds"]) == Thresholds(dead_z=-2.5, abnormal=1e-40, constant_scale=1e-4,
                                                             low_gain=0.05, collapsed_filter=1e-3)
+
+
+class _OutputNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_bn_that_is_the_model_output(how, tmp_path):
+    """A BN whose output is the model's output feeds nothing: no dead channels, activation "output"
+    (what avdiag/locate/__init__.py _describe writes for a graph consumer "none")."""
+    import warnings
+
+    net = _OutputNet().eval()
+    with torch.no_grad():
+        net.bn.bias.fill_(-10.0)  # would be dead before a ReLU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.script(net) if how == "script" else torch.jit.trace(net, torch.zeros(1, 3, 8, 8))
+    path = tmp_path / f"out_{how}.pt"
+    module.save(str(path))
+    (v,) = inspect_checkpoint(path, assume_activation="relu").layers
+    assert (v.layer.feeds_activation, v.layer.activation_source) == ("no", "graph:torchscript")
+    assert v.dead == [] and v.possibly_dead == []
+    assert v.layer.activation == "output"

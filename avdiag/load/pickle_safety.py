@@ -48,6 +48,17 @@ def _numpy_data_globals() -> list[tuple[Any, str]]:
     return _NUMPY_DATA_GLOBALS
 
 
+class NamedBytes(io.BytesIO):
+    """In-memory pickle bytes that print as where they came from (for error lines)."""
+
+    def __init__(self, data: bytes, label: str):
+        super().__init__(data)
+        self.label = label
+
+    def __str__(self) -> str:
+        return self.label
+
+
 class AllowedGlobal(dict):
     """Stand-in for an allow-listed global: records its arguments and state, runs nothing.
 
@@ -105,7 +116,7 @@ def load_torch_pickle(path: Path | io.BytesIO, fmt: str, allow: list[str], unsaf
             return _torch_load(path, mmap=mmap, weights_only=True)
         except pickle.UnpicklingError as e:
             # A global pushed dynamically escapes the static scan; the unpickler still refuses it.
-            raise _refusal(path, _names_in_message(str(e)) or ["(unnamed)"]) from e
+            raise _refusal(path, _names_in_message(str(e))) from e
 
 
 def refuse_unsafe_bytes(data: bytes, label: str, allow: list[str]) -> None:
@@ -113,7 +124,7 @@ def refuse_unsafe_bytes(data: bytes, label: str, allow: list[str]) -> None:
     fmt = "torch-zip" if data[:4] in (b"PK\x03\x04", b"PK\x05\x06") else "torch-legacy"
     with torch.serialization.safe_globals(_safe_globals(allow)):
         try:
-            offending = _unsafe_globals(io.BytesIO(data), fmt)
+            offending = _unsafe_globals(NamedBytes(data, label), fmt)
         except UnreadableCheckpointError:
             offending = sorted(scan_globals(io.BytesIO(data)) - _allowed_names())
     if offending:
@@ -209,11 +220,12 @@ def describe_raw_pickle(path: Path) -> str:
     return f"{path}: a plain pickle, not a torch checkpoint: refused{detail}"
 
 
-def _refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
-    listed = ", ".join(names)
+def _refusal(path: Path | io.BytesIO, names: list[str]) -> UnsafeCheckpointError:
+    what = f"references globals outside torch's weights-only allow-list: {', '.join(names)}" if names else \
+        "calls a function outside torch's weights-only allow-list"
     return UnsafeCheckpointError(
-        f"{path}: refused: the pickle references globals outside torch's weights-only allow-list: "
-        f"{listed} (allow one with --allow-global NAME, or load with --unsafe only if you trust the file)",
+        f"{path}: refused: the pickle {what} (allow one with --allow-global NAME, or load with --unsafe "
+        "only if you trust the file)",
         names,
     )
 

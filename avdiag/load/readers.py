@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ import torch
 
 from avdiag.errors import UnreadableCheckpointError
 from avdiag.load import detect
-from avdiag.load.pickle_safety import load_torch_pickle, read_zip_record, refuse_unsafe_bytes
+from avdiag.load.pickle_safety import NamedBytes, load_torch_pickle, read_zip_record, refuse_unsafe_bytes
 from avdiag.load.store import TensorInfo, TensorStore
 from avdiag.load.unwrap import Unwrapped, find_state_dict
 
@@ -202,7 +201,7 @@ def _add_pt2_weight(store: TensorStore, zf: zipfile.ZipFile, root: str, path: Pa
 
 def _pt2_pickled_tensor(data: bytes, path: Path, fqn: str, allow: list[str], unsafe: bool) -> torch.Tensor:
     fmt = detect.TORCH_ZIP if data.startswith(detect.ZIP_MAGICS) else detect.TORCH_LEGACY
-    obj = load_torch_pickle(io.BytesIO(data), fmt, allow, unsafe)
+    obj = load_torch_pickle(NamedBytes(data, f"{path}:{fqn}"), fmt, allow, unsafe)
     if not isinstance(obj, torch.Tensor):
         raise UnreadableCheckpointError(f"{path}: pickled weight {fqn!r} is not a tensor")
     return obj

@@ -124,11 +124,14 @@ def vgg_bn(name: str, idx: NameIndex) -> ArchFact | None:
 
 @rule
 def crepe(name: str, idx: NameIndex) -> ArchFact | None:
-    """CREPE pitch CNN (torchcrepe): conv -> ReLU -> BN, so the BN feeds max-pooling, not a ReLU."""
+    """CREPE pitch CNN (torchcrepe): conv -> ReLU -> BN, so the BN feeds max-pooling, not a ReLU.
+
+    Its BatchNorm eps is Keras' 1e-3 as stored in float32 (0.0010000000474974513)."""
     m = re.search(r"(?:^|\.)(conv\d+)_BN$", name)
     if not m:
         return None
-    return ArchFact("crepe", "no", "maxpool (ReLU precedes the BN)", _conv_if(idx, name[: m.start(1)] + m.group(1)))
+    conv = _conv_if(idx, name[: m.start(1)] + m.group(1))
+    return ArchFact("crepe", "no", "maxpool (ReLU precedes the BN)", conv, 0.0010000000474974513)
 
 
 def architecture_fact(name: str, idx: NameIndex) -> ArchFact | None:

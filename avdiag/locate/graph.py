@@ -29,9 +29,11 @@ class GraphFact:
 
 def normalise_op(target: str) -> str:
     """'torch.ops.aten.relu_.default' / 'aten::relu_' -> 'relu'."""
+    if target in ("prim::Return", "output"):
+        return "none"  # the BN output leaves the graph
     name = target.replace("aten::", "").replace("torch.ops.aten.", "")
-    name = name.split(".")[0]
-    return name.rstrip("_")
+    name = name.split(".")[0].strip("_")
+    return "conv" if "convolution" in name or name.startswith("conv") else name
 
 
 def graph_facts(kind: str, graph: Any) -> dict[str, GraphFact]:

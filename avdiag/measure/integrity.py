@@ -35,17 +35,37 @@ def scan_tensors(store: TensorStore, keep: set[str], filter_banks: set[str]) -> 
         if name in keep:
             scan.kept[name] = tensor.detach().to(torch.float64).reshape(-1).numpy().copy()
         if name in filter_banks and tensor.dim() >= 2:
-            flat = tensor.detach().reshape(tensor.shape[0], -1).to(torch.float64)
-            scan.filter_norms[name] = torch.linalg.vector_norm(flat, dim=1).numpy()
+            # float32 accumulation: no full-size float64 copy of a large conv weight
+            scan.filter_norms[name] = filter_norms(tensor)
         del tensor
     return scan
 
 
+def filter_norms(weight: torch.Tensor) -> np.ndarray:
+    """L2 norm of each output filter, accumulated in float32 (float64 for float64 weights): a large
+    conv weight is never copied whole into float64."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    if rows.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        rows = rows.to(acc)  # integer / float8 weights have no norm kernel of their own
+    return torch.linalg.vector_norm(rows, dim=1, dtype=acc).to(torch.float64).numpy()
+
+
 def count_nonfinite(tensor: torch.Tensor) -> int:
+    """Number of NaN/Inf values. One min/max pass (NaN propagates, Inf shows as an extreme) decides
+    whether a counting pass is needed at all; neither pass allocates a full-size mask."""
     flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    try:
+        lo, hi = torch.aminmax(flat)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return 0
+    except RuntimeError:  # dtypes without a min/max kernel (float8): count directly
+        flat = flat.to(torch.float32)
     bad = 0
     for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK]
-        if not bool(torch.isfinite(chunk).all()):
-            bad += int((~torch.isfinite(chunk)).sum())
+        bad += int((~torch.isfinite(flat[start:start + _CHUNK])).sum())
     return bad

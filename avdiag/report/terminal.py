@@ -17,7 +17,7 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False)
         return
     ck = result.checkpoint
     unwrapped = " -> ".join(_unwrap_text(u) for u in ck.unwrapped) or "nothing"
-    console.print(f"[bold]{ck.path}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {ck.sha256[:12]}", highlight=False)
+    console.print(f"[bold]{ck.path}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
     console.print(f"unwrapped: {unwrapped}; layout: {result.layout.name}"
                   + (f" (fusion {result.layout.fusion})" if result.layout.fusion else ""), highlight=False)
     for name, summary in result.modalities.items():
