@@ -33,14 +33,6 @@ from layout_fixtures import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder():
     """(model, Planted) for a single planted ResNet-18; do not modify the model."""

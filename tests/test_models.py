@@ -28,15 +28,6 @@ N = 6  # classes
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread avoids OpenMP overhead on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _audio(b: int = 2) -> torch.Tensor:
     return torch.randn(b, 1, 32, 32)
 
