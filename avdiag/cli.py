@@ -18,6 +18,7 @@ from rich.console import Console
 
 from avdiag import __version__
 from avdiag.errors import EXIT_ERROR, EXIT_OK, AvdiagError, UsageError
+from avdiag.measure.probe import ProbeThresholds
 from avdiag.measure.thresholds import ABNORMAL_PRESETS, Thresholds
 
 app = typer.Typer(
@@ -72,10 +73,33 @@ def inspect(
     unsafe: Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
                       "in the file. Only for files you made yourself.")] = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the file's SHA-256 (reported as null).")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Probe activations on this data: "
+                    "cremad:ROOT, vggsound:ROOT, ks:ROOT, ave:ROOT, avdigits:DIR, a bare name under $AVDIAG_DATA, "
+                    "a .npz/.safetensors tensor file, an image or wav folder, synthetic[:k=v,...], pkg.mod:factory.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="pkg.module:factory",
+                     help="Build the model with this factory (strict load) instead of the built-in registry.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    split: Annotated[str, typer.Option("--split", help="Dataset split to probe.")] = "train",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Probe at most this many samples "
+                     "(a seeded random subset).")] = None,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample selection.")] = 0,
+    amp: Annotated[bool, typer.Option("--amp", help="Autocast on GPU.")] = False,
+    dead_rate: Annotated[float, typer.Option("--dead-rate", help="Measured dead: fires at <= this fraction "
+                         "of positions.")] = ProbeThresholds().dead_rate,
+    rare_rate: Annotated[float, typer.Option("--rare-rate", help="Rarely active: fires at <= this fraction.")]
+        = ProbeThresholds().rare_rate,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Resize images (folders).")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", metavar="R,G,B", help="Image normalisation mean.")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", metavar="R,G,B", help="Image normalisation std.")] = None,
+    sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="Expected wav sample rate.")] = None,
+    class_order: Annotated[Optional[str], typer.Option("--class-order", help="e.g. ogm or alphabetical (CREMA-D).")]
+        = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
-    from avdiag.inspection import inspect_checkpoint
+    from avdiag.inspection import ProbeOptions, inspect_checkpoint
     from avdiag.report.jsonout import write_json
     from avdiag.report.terminal import render_inspect
 
@@ -83,9 +107,21 @@ def inspect(
                             constant_scale=constant_scale, low_gain=low_gain, collapsed_filter=collapsed)
     if unsafe:
         _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
+    probe = None
+    if data is not None:
+        from avdiag.data import DataOptions
+
+        options = DataOptions(image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                              sample_rate=sample_rate, class_order=class_order)
+        probe = ProbeOptions(data=data, model=model, device=device, split=split, batch_size=batch_size,
+                             limit=limit, num_workers=num_workers, seed=seed, amp=amp,
+                             thresholds=ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate),
+                             data_options=options, progress=not quiet and sys.stderr.isatty())
+    elif model is not None:
+        raise UsageError("--model is used with --data (the model is only run to probe activations)")
     result = inspect_checkpoint(checkpoint, thresholds=thresholds, modality=list(modality), bn_eps=bn_eps,
                                 assume_activation=assume_activation, allow_globals=list(allow_global),
-                                unsafe=unsafe, hash_file=not no_hash)
+                                unsafe=unsafe, hash_file=not no_hash, probe=probe)
     if json_out is not None:
         write_json(result.to_dict(per_channel=per_channel), json_out)
     if json_out != "-":
@@ -106,6 +142,38 @@ def _abnormal(value: float | None, preset: str | None) -> float:
             raise UsageError(f"--abnormal-preset must be one of {', '.join(ABNORMAL_PRESETS)}, got {preset!r}")
         return ABNORMAL_PRESETS[preset]
     return _DEFAULTS.abnormal if value is None else value
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as e:
+        raise UsageError(f"{option} wants comma-separated numbers, got {text!r}") from e
+
+
+data_app = typer.Typer(help="Build and check datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build(
+    name: Annotated[str, typer.Argument(help="Dataset to build: avdigits.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (created).")],
+    max_voices: Annotated[Optional[int], typer.Option("--max-voices", min=2, help="Fewer voices: a quick build.")]
+        = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> int:
+    """Build a dataset offline (avdigits: spoken digits by many voices + real handwritten digits)."""
+    from avdiag.data import build_avdigits
+
+    if name != "avdigits":
+        raise UsageError(f"unknown dataset {name!r}: avdiag can build avdigits")
+    path = build_avdigits(out_dir, max_voices=max_voices, seed=seed)
+    print(f"built avdigits in {path}")
+    return EXIT_OK
 
 
 def _stderr(line: str) -> None:

@@ -15,6 +15,9 @@ LOW_GAIN = "low-gain-channels"
 COLLAPSED = "collapsed-filters"
 POSSIBLY_DEAD = "possibly-dead-channels"
 NO_BATCHNORM = "no-batchnorm"
+MEASURED_DEAD = "measured-dead-channels"
+PREDICTION_MISMATCH = "prediction-mismatch"
+NOT_PROBED = "layer-not-probed"
 
 RULES = {
     NONFINITE: (ERROR, "a tensor holds NaN or Inf values"),
@@ -25,6 +28,9 @@ RULES = {
     COLLAPSED: (WARNING, "conv filters feeding a BN that are ~0 (norm below collapsed_filter x median)"),
     POSSIBLY_DEAD: (INFO, "channels that would be dead if an activation follows; the activation is unknown"),
     NO_BATCHNORM: (WARNING, "no BatchNorm layer found: the dead-channel scan had nothing to look at"),
+    MEASURED_DEAD: (WARNING, "BN channels that never fire on the probed data (fire rate <= dead_rate)"),
+    PREDICTION_MISMATCH: (INFO, "channels where the static prediction and the measurement disagree"),
+    NOT_PROBED: (WARNING, "a BN layer of the checkpoint that the model never ran on the data"),
 }
 
 

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from avdiag import __version__, findings as F
 from avdiag.findings import Finding
 from avdiag.load import Checkpoint, load_checkpoint, sha256_of
 from avdiag.locate import Layout, Located, locate, parse_overrides
+from avdiag.errors import UsageError
+from avdiag.measure.activity import Agreement, MeasuredLayer, agreement, judge_activity
 from avdiag.measure.integrity import scan_tensors
+from avdiag.measure.probe import ProbeThresholds
+from avdiag.measure.probe import probe as run_probe
 from avdiag.measure.static import LayerVerdicts, channel_stats, json_float, judge
 from avdiag.measure.thresholds import Thresholds
 
@@ -36,6 +41,9 @@ class ModalitySummary:
     n_activation_known: int  # channels whose activation came from graph/architecture/name, not unknown
     worst_z: float | None
     worst_layer: str | None
+    n_measured_dead: int | None = None  # with a probe
+    n_rarely_active: int | None = None
+    agreement: Agreement | None = None
 
     @property
     def dead_ratio(self) -> float:
@@ -45,6 +53,11 @@ class ModalitySummary:
         d = {k: v for k, v in self.__dict__.items() if k != "name"}
         d["worst_z"] = json_float(self.worst_z)
         d["dead_ratio"] = self.dead_ratio
+        if self.agreement is None:
+            for key in ("n_measured_dead", "n_rarely_active", "agreement"):
+                d.pop(key)
+        else:
+            d["agreement"] = self.agreement.to_dict()
         return d
 
 
@@ -64,6 +77,42 @@ class CheckpointSummary:
 
 
 @dataclass
+class ProbeOptions:
+    """What `inspect --data` needs to measure activations on real data."""
+
+    data: Any  # a data spec string (see avdiag.data.open_dataset) or an AVDataset
+    model: str | None = None  # package.module:factory; None = resolve from the checkpoint
+    device: str = "auto"  # auto / cpu / cuda[:N]
+    split: str = "train"
+    batch_size: int = 32
+    limit: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool = False
+    thresholds: ProbeThresholds = field(default_factory=ProbeThresholds)
+    data_options: Any = None  # avdiag.data.DataOptions
+    progress: bool = False
+
+
+@dataclass
+class ProbeSummary:
+    data: str
+    model: str
+    device: str
+    amp: bool
+    samples: int
+    batches: int
+    thresholds: ProbeThresholds
+    agreement: Agreement
+    missing_layers: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "model": self.model, "device": self.device, "amp": self.amp,
+                "samples": self.samples, "batches": self.batches, "thresholds": self.thresholds.to_dict(),
+                "agreement": self.agreement.to_dict(), "missing_layers": self.missing_layers}
+
+
+@dataclass
 class InspectResult:
     """What `avdiag inspect` found. ``to_dict()`` is the JSON report; ``to_frame()`` one row a layer."""
 
@@ -74,6 +123,8 @@ class InspectResult:
     modalities: dict[str, ModalitySummary]
     findings: list[Finding]
     nonfinite_tensors: dict[str, int] = field(default_factory=dict)
+    probe: ProbeSummary | None = None
+    measured: dict[str, MeasuredLayer] = field(default_factory=dict)  # layer name -> probe verdicts
 
     @property
     def n_dead(self) -> int:
@@ -100,8 +151,9 @@ class InspectResult:
                         "n_dead": self.n_dead, "n_findings": len(self.findings),
                         "nonfinite_tensors": dict(self.nonfinite_tensors), "text": self.summary_line()},
             "modalities": {name: m.to_dict() for name, m in self.modalities.items()},
-            "layers": [_layer_dict(v, per_channel) for v in self.layers],
+            "layers": [_layer_dict(v, per_channel, self.measured.get(v.layer.name)) for v in self.layers],
             "findings": [f.to_dict() for f in self.findings],
+            **({"probe": self.probe.to_dict()} if self.probe else {}),
         }
 
     def to_frame(self):
@@ -110,7 +162,13 @@ class InspectResult:
 
         rows = []
         for v in self.layers:
-            d = _layer_dict(v, per_channel=False)
+            d = _layer_dict(v, per_channel=False, measured=self.measured.get(v.layer.name))
+            for key in ("fire_rate", "output_mean", "output_std", "output_max"):
+                d.pop(key, None)
+            for key in ("measured_dead_channels", "rarely_active_channels", "measured_constant_channels",
+                        "predicted_not_measured", "measured_not_predicted"):
+                if key in d:
+                    d["n_" + key.replace("_channels", "")] = len(d.pop(key))
             for key in ("dead_channels", "abnormal_channels", "constant_channels", "low_gain_channels",
                         "collapsed_filter_channels", "nonfinite_channels", "possibly_dead_channels"):
                 d["n_" + key.replace("_channels", "")] = len(d.pop(key))
@@ -118,7 +176,7 @@ class InspectResult:
         return pd.DataFrame(rows)
 
 
-def _layer_dict(v: LayerVerdicts, per_channel: bool) -> dict[str, Any]:
+def _layer_dict(v: LayerVerdicts, per_channel: bool, measured: MeasuredLayer | None = None) -> dict[str, Any]:
     layer = v.layer
     d = {
         "name": layer.name,
@@ -141,6 +199,8 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool) -> dict[str, Any]:
         "worst_z": json_float(v.worst_z),
         "min_fire_prob": json_float(float(np.nanmin(v.stats.fire_prob)) if layer.channels else None),
     }
+    if measured is not None:
+        d.update(measured.to_dict())
     if per_channel:
         d["per_channel"] = v.stats.to_dict()
     return d
@@ -149,11 +209,14 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool) -> dict[str, Any]:
 def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None,
                        modality: dict[str, str] | list[str] | None = None, bn_eps: float | None = None,
                        assume_activation: str | None = None, allow_globals: list[str] | tuple[str, ...] = (),
-                       unsafe: bool = False, hash_file: bool = True) -> InspectResult:
+                       unsafe: bool = False, hash_file: bool = True,
+                       probe: ProbeOptions | None = None) -> InspectResult:
     """Load ``path`` safely and scan every BatchNorm channel statically.
 
     ``modality`` maps modality names to name prefixes (``{"audio": "audio_net"}`` or
-    ``["audio=audio_net"]``); without it the research layouts are detected. ``hash_file=False``
+    ``["audio=audio_net"]``); without it the research layouts are detected. With ``probe``, the
+    model behind the checkpoint is run on real data and every channel's activity is measured next
+    to the static prediction. ``hash_file=False``
     skips the SHA-256 (``checkpoint.sha256`` is then None), which bounds the run time on files that
     the page cache serves faster than SHA-256 can digest them. Raises
     :class:`avdiag.errors.AvdiagError` subclasses for unreadable or refused files.
@@ -170,8 +233,70 @@ def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None
     summary = CheckpointSummary(str(ckpt.path), ckpt.format, sha, sum(f.stat().st_size for f in ckpt.files),
                                 scan.n_tensors, scan.n_elements, [u.to_dict() for u in ckpt.unwrapped], ckpt.extras)
     modalities = _summarise(verdicts, located.layout)
-    return InspectResult(summary, located.layout, thresholds, verdicts, modalities,
-                         _findings(verdicts, scan.nonfinite, thresholds), scan.nonfinite)
+    result = InspectResult(summary, located.layout, thresholds, verdicts, modalities,
+                           _findings(verdicts, scan.nonfinite, thresholds), scan.nonfinite)
+    if probe is not None:
+        _run_probe(result, ckpt, located, probe)
+    return result
+
+
+def _run_probe(result: InspectResult, ckpt: Checkpoint, located: Located, opts: ProbeOptions) -> None:
+    from avdiag.data import DataOptions, make_loader, open_dataset
+    from avdiag.locate.resolve import resolve_model
+    from avdiag.report.progress import progress_bar
+
+    resolved = resolve_model(ckpt, located.layout, opts.model)
+    dataset = opts.data if not isinstance(opts.data, str) else open_dataset(
+        opts.data, split=opts.split, options=opts.data_options or DataOptions())
+    loader = make_loader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                         limit=opts.limit, seed=opts.seed)
+    total = min(len(dataset), opts.limit) if opts.limit else len(dataset)
+    with progress_bar(total, "probing", enabled=opts.progress) as advance:
+        run = run_probe(resolved, located.layers, loader, pick_device(opts.device), opts.amp, advance)
+    for v in result.layers:
+        if v.layer.name in run.activity:
+            result.measured[v.layer.name] = judge_activity(v, run.activity[v.layer.name], opts.thresholds)
+    result.probe = ProbeSummary(getattr(dataset, "name", str(opts.data)), run.model_source, run.device, run.amp,
+                                run.samples, run.batches, opts.thresholds,
+                                agreement(list(result.measured.values())), run.missing_layers)
+    _summarise_measured(result)
+    result.findings.extend(_probe_findings(result))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _summarise_measured(result: InspectResult) -> None:
+    for name, m in result.modalities.items():
+        group = [result.measured[v.layer.name] for v in result.layers
+                 if v.layer.modality == name and v.layer.name in result.measured]
+        m.n_measured_dead = sum(len(g.dead) for g in group)
+        m.n_rarely_active = sum(len(g.rarely_active) for g in group)
+        m.agreement = agreement(group)
+
+
+def _probe_findings(result: InspectResult) -> list[Finding]:
+    out = []
+    for name, m in result.measured.items():
+        if m.dead:
+            out.append(F.finding(F.MEASURED_DEAD, name, f"{name}: {len(m.dead)} channels never fire on the data "
+                                 f"(<= {result.probe.thresholds.dead_rate:g} of positions) {_preview(m.dead)}"))
+        if m.measured_only or m.predicted_only:
+            out.append(F.finding(F.PREDICTION_MISMATCH, name,
+                                 f"{name}: static prediction and measurement disagree: predicted only "
+                                 f"{_preview(m.predicted_only)}, measured only {_preview(m.measured_only)}"))
+    for name in result.probe.missing_layers:
+        out.append(F.finding(F.NOT_PROBED, name, f"{name}: the model never ran this BN layer on the data"))
+    return out
 
 
 def _measure(ckpt: Checkpoint, located: Located, t: Thresholds):

@@ -1,0 +1,220 @@
+"""The dataset contract shared by every reader: items, batches, options, errors, loaders.
+
+Every dataset item is a dict ``{"audio": FloatTensor (F, T), "visual": FloatTensor (3, T, H, W),
+"label": int, "index": int}``; a modality the dataset does not have is absent from the dict (never
+``None``). :func:`collate` stacks items into ``{"audio": (B, F, T), "visual": (B, 3, T, H, W),
+"label": (B,), "index": (B,)}``.
+
+:func:`make_loader` samples deterministically: with ``limit`` it takes the first ``limit`` indices
+of a permutation drawn from ``torch.Generator().manual_seed(seed)`` (in that order); without it, every
+item in dataset order. Nothing is shuffled beyond that, and no reader draws random numbers per item,
+so the same seed gives the same samples whatever ``num_workers`` is. A :class:`DataError` raised in
+a worker process comes back to the caller as the same one-line :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from avdiag.errors import AvdiagError
+
+MODALITIES = ("audio", "visual")
+SPLITS = ("train", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(AvdiagError):
+    """A dataset that is missing, malformed or unsafe; the message is one line naming what and where."""
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Preprocessing knobs. ``None`` means the reader's documented default.
+
+    ``image_size``: square resize (pixels). ``mean``/``std``: per-channel normalisation of [0, 1]
+    pixels. ``sample_rate``: rate the spectrogram is computed at (research sets: the rate the wav files
+    must have). ``n_fft``/``hop``: STFT. ``class_order``: e.g. ``"ogm"``/``"alphabetical"`` for
+    CREMA-D. ``frames``: visual frames per item. ``seconds``: audio duration (tile/crop) where a
+    reader has one. ``resample``: research sets only; resample wav files whose rate differs from the
+    expected one (as the training code's ``librosa.load(sr=...)`` does) instead of refusing them.
+    """
+
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    sample_rate: int | None = None
+    n_fft: int | None = None
+    hop: int | None = None
+    class_order: str | None = None
+    frames: int | None = None
+    seconds: float | None = None
+    resample: bool = False
+
+    def validate(self) -> "DataOptions":
+        for name in ("image_size", "sample_rate", "n_fft", "hop", "frames"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+                raise DataError(f"option {name} must be a positive integer, got {value!r}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise DataError(f"option seconds must be positive, got {self.seconds!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise DataError(f"option {name} needs 3 values (R, G, B), got {len(value)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise DataError(f"option std must be positive, got {self.std}")
+        return self
+
+    def image_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return (tuple(self.mean) if self.mean else IMAGENET_MEAN,
+                tuple(self.std) if self.std else IMAGENET_STD)
+
+
+class AVDataset(Dataset):
+    """Base class of every avdiag dataset: a map-style torch Dataset of item dicts.
+
+    ``name`` is a short label (``"cremad"``, ``"synthetic"`` ...), ``spec`` the string it was opened
+    from, ``modalities`` the keys present in every item, ``classes`` the class names in label order
+    (empty when unknown), ``split`` ``"train"`` or ``"test"``.
+    """
+
+    name: str = "dataset"
+    spec: str = ""
+    modalities: tuple[str, ...] = ()
+    classes: list[str] = []
+    split: str = "train"
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary for reports."""
+        return {"name": self.name, "spec": self.spec, "split": self.split, "size": len(self),
+                "modalities": list(self.modalities), "classes": list(self.classes)}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.spec or self.name!r}, split={self.split!r}, "
+                f"n={len(self)}, modalities={self.modalities}, classes={len(self.classes)})")
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        return i % n
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def make_item(index: int, label: int, audio: torch.Tensor | None = None,
+              visual: torch.Tensor | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if audio is not None:
+        item["audio"] = audio
+    if visual is not None:
+        item["visual"] = visual
+    item["label"] = int(label)
+    item["index"] = int(index)
+    return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack item dicts into a batch dict; every item must have the same modalities and shapes."""
+    failed = [it for it in items if isinstance(it, _FailedItem)]
+    if failed:
+        return _FailedBatch(failed[0].message)  # type: ignore[return-value]
+    if not items:
+        raise DataError("cannot collate an empty batch")
+    keys = [m for m in MODALITIES if m in items[0]]
+    batch: dict[str, torch.Tensor] = {}
+    for it in items:
+        have = [m for m in MODALITIES if m in it]
+        if have != keys:
+            raise DataError(f"item {it.get('index')} has modalities {have}, item "
+                            f"{items[0].get('index')} has {keys}: a batch needs the same in every item")
+    for m in keys:
+        shapes = {tuple(it[m].shape) for it in items}
+        if len(shapes) > 1:
+            detail = ", ".join(f"item {it.get('index')}: {tuple(it[m].shape)}" for it in items[:8])
+            raise DataError(f"{m} tensors differ in shape within a batch ({detail}); "
+                            "fix the data or pass options that make them equal")
+        batch[m] = torch.stack([torch.as_tensor(it[m], dtype=torch.float32) for it in items])
+    batch["label"] = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
+    batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+    return batch
+
+
+class _FailedItem:
+    """What a worker returns instead of raising, so the DataError arrives as one line."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _FailedBatch(dict):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+
+class _Guarded(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except DataError as exc:
+            return _FailedItem(str(exc))
+
+
+class AVDataLoader(DataLoader):
+    """A DataLoader that re-raises a worker's DataError as a plain one-line DataError."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, _FailedBatch):
+                raise DataError(batch.message)
+            yield batch
+
+
+def sample_indices(n: int, limit: int | None = None, seed: int = 0) -> list[int]:
+    """The indices make_loader visits: all in order, or the first ``limit`` of a seeded permutation."""
+    if limit is None:
+        return list(range(n))
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit <= 0:
+        raise DataError(f"limit must be a positive integer, got {limit!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=gen)[: min(int(limit), n)].tolist()
+
+
+def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
+                limit: int | None = None, seed: int = 0) -> DataLoader:
+    """A deterministic DataLoader over ``dataset`` (see the module docstring)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise DataError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError(f"dataset {getattr(dataset, 'spec', '') or dataset!r} has no items")
+    indices = sample_indices(n, limit, seed)
+    source: Dataset = _Guarded(dataset) if num_workers > 0 else dataset
+    subset = torch.utils.data.Subset(source, indices)
+    return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False,
+                        num_workers=int(num_workers), collate_fn=collate, drop_last=False)

@@ -1,0 +1,157 @@
+"""Model resolution: build the network behind a checkpoint so it can be run on data.
+
+Sources, in order: ``--model package.module:factory`` (the user's own class, strict load), the
+graph the file carries (torch.export programs), the built-in registry (research layouts and plain
+ResNets, hyper-parameters read from tensor shapes), TorchScript modules whose tensors fit a
+built-in architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect as pyinspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from avdiag.errors import AvdiagError
+from avdiag.load import Checkpoint
+from avdiag.locate.modality import MODALITY_WORDS, Layout
+from avdiag.models.registry import ArchSpec, build, spec_from_checkpoint
+
+
+class ModelError(AvdiagError):
+    """The model behind a checkpoint could not be built or loaded."""
+
+
+@dataclass
+class ResolvedModel:
+    module: nn.Module
+    source: str  # registry:<name> / factory:<spec> / graph:torch-export
+    inputs: tuple[str, ...]  # forward() arguments by modality; ("image",) = the batch's only modality
+    visual_layout: str = "BCTHW"
+    spec: ArchSpec | None = None
+    name_prefix: str = ""  # prepended to module names to get checkpoint layer names
+    static_batch: int | None = None  # exported programs traced with a fixed batch size
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
+        args = [adapt_input(batch, name, self.visual_layout) for name in self.inputs]
+        if self.static_batch is None or args[0].shape[0] == self.static_batch:
+            return self.module(*args)
+        n, step = args[0].shape[0], self.static_batch
+        if n % step:
+            raise ModelError(f"the exported program takes batches of exactly {step}; use a --batch-size and "
+                             f"--limit divisible by {step}, or export with a dynamic batch dimension")
+        return [self.module(*[a[i:i + step] for a in args]) for i in range(0, n, step)]
+
+
+def adapt_input(batch: dict[str, torch.Tensor], name: str, visual_layout: str) -> torch.Tensor:
+    """Map a modality-keyed batch onto one forward() argument."""
+    if name == "image":  # a single-input 2-D CNN: the batch's only modality, frames folded into the batch
+        present = [m for m in ("visual", "audio") if m in batch]
+        if not present:
+            raise ModelError("the data has neither audio nor visual inputs")
+        x = batch[present[0]]
+        if present[0] == "audio":
+            return x.unsqueeze(1) if x.dim() == 3 else x
+        b, c, t, h, w = x.shape
+        return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    if name not in batch:
+        raise ModelError(f"the model takes {name!r} input but the data provides {sorted(k for k in batch if k not in ('label', 'index'))}")
+    x = batch[name]
+    if name == "visual" and visual_layout == "BTCHW":
+        x = x.permute(0, 2, 1, 3, 4)
+    return x
+
+
+def resolve_model(ckpt: Checkpoint, layout: Layout, model: str | None = None) -> ResolvedModel:
+    state = {n: ckpt.tensors.get(n) for n in ckpt.tensors.names()}
+    if model:
+        return _from_factory(model, state)
+    if ckpt.format == "torch-export":
+        return _from_export(ckpt)
+    outer = _outer_prefix(layout)
+    inner = {n[len(outer):]: t for n, t in state.items() if n.startswith(outer)}
+    spec = spec_from_checkpoint(ckpt.tensors.renamed(lambda n: n[len(outer):] if n.startswith(outer) else n),
+                                layout.name, layout.fusion)
+    if spec is None:
+        raise ModelError(f"{ckpt.path}: layout {layout.name!r} matches no built-in architecture; "
+                         "pass --model package.module:factory")
+    module = build(spec)
+    _strict_load(module, inner if outer else state, f"built-in {spec.name}")
+    return ResolvedModel(module.eval(), f"registry:{spec.name}", spec.inputs, spec.visual_layout, spec, outer)
+
+
+def _outer_prefix(layout: Layout) -> str:
+    """An outer prefix such as Lightning's `model.` in front of the encoders."""
+    for prefix in layout.modalities.values():
+        parts = prefix.rstrip(".").split(".")
+        cut = len(parts) - (2 if "modality_encoder" in parts else 1)
+        return ".".join(parts[:cut]) + "." if cut > 0 else ""
+    return ""
+
+
+def _from_factory(spec: str, state: dict[str, torch.Tensor]) -> ResolvedModel:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"--model wants package.module:factory, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"--model {spec}: cannot import ({e})") from e
+    try:
+        module = factory()
+    except Exception as e:
+        raise ModelError(f"--model {spec}: the factory failed: {type(e).__name__}: {e}") from e
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"--model {spec}: the factory returned {type(module).__name__}, not a torch nn.Module")
+    _strict_load(module, state, spec)
+    visual_layout = getattr(module, "visual_layout", "BCTHW")
+    return ResolvedModel(module.eval(), f"factory:{spec}", _forward_inputs(module.forward), visual_layout)
+
+
+def _forward_inputs(forward: Any) -> tuple[str, ...]:
+    params = [p for p in pyinspect.signature(forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(params) == 1:
+        return ("image",)
+    names = []
+    for p in params:
+        tokens = set(p.name.lower().split("_"))
+        match = [m for m, words in MODALITY_WORDS.items() if tokens & words]
+        if not match:
+            raise ModelError(f"cannot tell which modality forward() argument {p.name!r} takes; "
+                             "name it audio/visual (or spec/image/video ...)")
+        names.append(match[0])
+    return tuple(names)
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    expected = module.state_dict()
+    wrong = [n for n, t in state.items() if n in expected and expected[n].shape != t.shape]
+    if result.missing_keys or result.unexpected_keys or wrong:
+        parts = []
+        for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys),
+                            ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise ModelError(f"the checkpoint does not fit {what}: " + "; ".join(parts))
+
+
+def _from_export(ckpt: Checkpoint) -> ResolvedModel:
+    # The archive passed avdiag's pickle gate while loading, so torch.export.load only meets
+    # pickles that name allow-listed globals.
+    try:
+        program = torch.export.load(str(ckpt.path))
+    except Exception as e:
+        raise ModelError(f"{ckpt.path}: cannot rebuild the exported program ({type(e).__name__}: {e})") from e
+    module = program.module()
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in
+                   set(program.graph_signature.user_inputs)]
+    inputs = ("image",) if len(user_inputs) == 1 else ("audio", "visual")[:len(user_inputs)]
+    batch = user_inputs[0].meta.get("val").shape[0] if user_inputs and "val" in user_inputs[0].meta else None
+    static = batch if isinstance(batch, int) else None
+    return ResolvedModel(module, "graph:torch-export", inputs, static_batch=static)
