@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.io import wavfile
-from scipy.signal import resample_poly
 
 from avdiag.data.base import DataError
 
@@ -63,6 +62,8 @@ def to_float_mono(data: np.ndarray, path: Path | str = "", prefix: str = "") -> 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return x
+    from scipy.signal import resample_poly  # imported here: scipy.signal takes ~0.5 s to import
+
     g = math.gcd(int(rate), int(target))
     return resample_poly(x, target // g, rate // g).astype(np.float32)
 
@@ -73,7 +74,7 @@ def read_wav_at(path: Path, expected_rate: int, where: str, allow_resample: bool
     if rate != expected_rate:
         if not allow_resample:
             raise DataError(f"{where}: {path} is sampled at {rate} Hz, expected {expected_rate} Hz "
-                            f"(convert the files, or enable resampling on load: --resample)")
+                            f"(convert the files to {expected_rate} Hz, or enable resampling on load)")
         x = resample(x, rate, expected_rate)
     return x
 

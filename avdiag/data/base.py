@@ -218,3 +218,82 @@ def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
     subset = torch.utils.data.Subset(source, indices)
     return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False,
                         num_workers=int(num_workers), collate_fn=collate, drop_last=False)
+
+
+_ALIASES = {"audio": ("audio",), "visual": ("visual", "video", "image"), "label": ("label", "target")}
+
+
+class AdaptedDataset(AVDataset):
+    """Wraps a user's torch Dataset (``pkg.module:factory``) so its items follow the avdiag contract.
+
+    Items may be dicts (``audio``, ``visual`` (or ``video``/``image``), ``label`` (or ``target``);
+    other keys ignored) or ``(audio, visual, label)`` tuples with ``None`` for a missing modality.
+    Tensors or arrays are converted to float32; audio (F, T) or (1, F, T); visual (3, T, H, W) or
+    (3, H, W) (read as T = 1). Modalities are taken from the first item, which is checked eagerly.
+    ``classes`` comes from the dataset's ``classes`` attribute, else ``num_classes``, else is empty.
+    """
+
+    name = "factory"
+
+    def __init__(self, dataset: Any, split: str, spec: str):
+        self.dataset = dataset
+        self.split = check_split(split)
+        self.spec = spec
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise DataError(f"{spec}: the factory returned a {type(dataset).__name__}, "
+                            "expected a map-style torch Dataset (with __len__ and __getitem__)")
+        classes = getattr(dataset, "classes", None)
+        if classes is None and isinstance(getattr(dataset, "num_classes", None), int):
+            classes = [str(c) for c in range(dataset.num_classes)]
+        self.classes = [str(c) for c in classes] if classes is not None else []
+        if len(self) == 0:
+            raise DataError(f"{spec}: the dataset is empty")
+        self.modalities = ()
+        first = self[0]
+        self.modalities = tuple(m for m in MODALITIES if m in first)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self._check_index(i)
+        raw = self.dataset[i]
+        if isinstance(raw, dict):
+            found = {}
+            for key, names in _ALIASES.items():
+                for n in names:
+                    if n in raw and raw[n] is not None:
+                        found[key] = raw[n]
+                        break
+        elif isinstance(raw, (tuple, list)) and len(raw) == 3:
+            found = {k: v for k, v in zip(("audio", "visual", "label"), raw) if v is not None}
+        else:
+            raise DataError(f"{self.spec}: item {i} is a {type(raw).__name__}; items must be dicts "
+                            "(audio, visual, label) or (audio, visual, label) tuples")
+        if "label" not in found:
+            raise DataError(f"{self.spec}: item {i} has no label")
+        try:
+            label = int(found["label"].item() if hasattr(found["label"], "item") else found["label"])
+        except (TypeError, ValueError):
+            raise DataError(f"{self.spec}: item {i} label {found['label']!r} is not an integer") from None
+        tensors: dict[str, torch.Tensor] = {}
+        for m in MODALITIES:
+            if m not in found:
+                continue
+            try:
+                t = torch.as_tensor(np.asarray(found[m]) if not torch.is_tensor(found[m]) else found[m])
+            except (TypeError, ValueError, RuntimeError):
+                raise DataError(f"{self.spec}: item {i} {m} is not an array") from None
+            t = t.detach().to(torch.float32)
+            if m == "audio" and t.dim() == 3 and t.shape[0] == 1:
+                t = t[0]
+            if m == "visual" and t.dim() == 3 and t.shape[0] == 3:
+                t = t.unsqueeze(1)
+            want = "(F, T) or (1, F, T)" if m == "audio" else "(3, T, H, W) or (3, H, W)"
+            if (m == "audio" and t.dim() != 2) or (m == "visual" and (t.dim() != 4 or t.shape[0] != 3)):
+                raise DataError(f"{self.spec}: item {i} {m} has shape {tuple(t.shape)}, expected {want}")
+            tensors[m] = t
+        if self.modalities and tuple(m for m in MODALITIES if m in tensors) != self.modalities:
+            raise DataError(f"{self.spec}: item {i} has modalities {sorted(tensors)}, the first item "
+                            f"has {list(self.modalities)}")
+        return make_item(i, label, audio=tensors.get("audio"), visual=tensors.get("visual"))

@@ -49,7 +49,7 @@ def load_image(path: Path, size: int | None, mean: Sequence[float], std: Sequenc
 
 def to_tensor(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 -> normalised float32 (3, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s

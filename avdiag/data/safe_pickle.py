@@ -25,15 +25,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from numpy._core import multiarray as _multiarray
-from numpy._core import numeric as _numeric
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 from avdiag.data.base import DataError
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
-        raise pickle.UnpicklingError(f"refused global _codecs.encode with codec {encoding!r}")
+        raise RefusedGlobal(f"_codecs.encode (codec {str(encoding)[:40]!r})")
     return _codecs.encode(text, "latin1", errors)
 
 
@@ -55,12 +66,6 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
 
 
 _ALLOWED = _allowed_globals()
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
 
 
 class ArrayUnpickler(pickle.Unpickler):
