@@ -96,6 +96,12 @@ def inspect(
     sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="Expected wav sample rate.")] = None,
     class_order: Annotated[Optional[str], typer.Option("--class-order", help="e.g. ogm or alphabetical (CREMA-D).")]
         = None,
+    frames: Annotated[Optional[int], typer.Option("--frames", min=1, help="Visual frames per item.")] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help="Audio duration (tile/crop).")] = None,
+    n_fft: Annotated[Optional[int], typer.Option("--n-fft", min=2, help="STFT size.")] = None,
+    hop: Annotated[Optional[int], typer.Option("--hop", min=1, help="STFT hop.")] = None,
+    resample: Annotated[bool, typer.Option("--resample", help="Resample wav files whose rate differs from the "
+                        "dataset's (as librosa.load(sr=...) does) instead of refusing them.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
@@ -112,7 +118,8 @@ def inspect(
         from avdiag.data import DataOptions
 
         options = DataOptions(image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                              sample_rate=sample_rate, class_order=class_order)
+                              sample_rate=sample_rate, class_order=class_order, frames=frames, seconds=seconds,
+                              n_fft=n_fft, hop=hop, resample=resample)
         probe = ProbeOptions(data=data, model=model, device=device, split=split, batch_size=batch_size,
                              limit=limit, num_workers=num_workers, seed=seed, amp=amp,
                              thresholds=ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate),

@@ -44,9 +44,11 @@ class MeasuredLayer:
 def judge_activity(static: LayerVerdicts, activity: ChannelActivity, t: ProbeThresholds) -> MeasuredLayer:
     rate = activity.fire_rate
     can_fire = static.layer.feeds_activation != "no"
-    dead = (rate <= t.dead_rate) if can_fire else np.zeros_like(rate, dtype=bool)
-    rare = (rate <= t.rare_rate) & ~dead if can_fire else np.zeros_like(dead)
     constant = activity.std < t.constant_std
+    # A constant channel whose largest output is ~0 passes nothing on even when it is "positive".
+    silent = (rate <= t.dead_rate) | (constant & (activity.max <= t.constant_std))
+    dead = silent if can_fire else np.zeros_like(rate, dtype=bool)
+    rare = (rate <= t.rare_rate) & ~dead if can_fire else np.zeros_like(dead)
     predicted = sorted(set(static.dead) | set(static.possibly_dead))
     return MeasuredLayer(activity, _idx(dead), _idx(rare), _idx(constant), predicted)
 
