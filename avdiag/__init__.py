@@ -7,9 +7,11 @@ Pipeline: ``avdiag.load`` (safe checkpoint I/O) -> ``avdiag.locate`` (layers, mo
 __version__ = "0.1.0"
 
 from avdiag.errors import AvdiagError  # noqa: E402
-from avdiag.inspection import InspectResult, inspect_checkpoint  # noqa: E402
+from avdiag.inspection import InspectResult, ProbeOptions, inspect_checkpoint  # noqa: E402
+from avdiag.measure.probe import ProbeThresholds  # noqa: E402
 from avdiag.load import Checkpoint, load_checkpoint  # noqa: E402
 from avdiag.measure.thresholds import ABNORMAL_PRESETS, Thresholds  # noqa: E402
 
-__all__ = ["AvdiagError", "Checkpoint", "InspectResult", "Thresholds", "ABNORMAL_PRESETS",
+__all__ = ["AvdiagError", "Checkpoint", "InspectResult", "ProbeOptions", "ProbeThresholds", "Thresholds",
+           "ABNORMAL_PRESETS",
            "inspect_checkpoint", "load_checkpoint", "__version__"]

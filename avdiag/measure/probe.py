@@ -66,12 +66,14 @@ class _Accumulator:
     def add(self, out: torch.Tensor) -> None:
         x = out.detach()
         dims = [0, *range(2, x.dim())]
-        fire = (x > self.threshold).sum(dim=dims)
-        total = x.sum(dim=dims, dtype=torch.float64)
-        total_sq = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32).to(torch.float64).square()
+        # float32 / int32 per-batch reductions (float64 and int64 ones run several times slower on
+        # CPU); the running totals across batches are float64 / int64.
+        fire = x.gt(self.threshold).sum(dim=dims, dtype=torch.int32)
+        total = x.sum(dim=dims, dtype=torch.float32)
+        total_sq = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32).square()
         peak = x.amax(dim=dims).float()
         if self.fire is None:
-            self.fire, self.total, self.total_sq, self.peak = fire, total, total_sq, peak
+            self.fire, self.total, self.total_sq, self.peak = fire.long(), total.double(), total_sq.double(), peak
         else:
             self.fire += fire
             self.total += total
