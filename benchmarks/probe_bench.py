@@ -354,19 +354,15 @@ def fast_stats(x: torch.Tensor, t: float):
 
     * reduce the contiguous spatial axes first, to (B, C), then the batch axis: torch's
       reductions over (0, 2, 3) of an NCHW tensor with an up-cast take a slow path;
-    * accumulate in float32 per (B, C) and only the (B, C) partials in float64
-      (``x.sum(dtype=float64)`` up-casts every element);
-    * fire count: ``relu(x).sign_()`` summed in float32 (exact below 2**24 positions per (B, C))
-      instead of summing a bool tensor into int64; for t != 0, ``(x > t)`` summed into int32.
+    * accumulate in float32 per (B, C) and only the (B, C) partials in float64: with
+      ``x.sum(dtype=float64)`` torch first makes a float64 copy of the whole tensor;
+    * fire count: the bool mask summed into int32 per (B, C) (exact below 2**31 positions),
+      then into int64: summing a bool tensor straight into int64 also copies it to int64 first.
+      Those full-size copies (8 bytes an element) are page-faulted in afresh on every call.
     """
     sp = list(range(2, x.dim()))
-    if t == 0.0:
-        hits = torch.relu(x).sign_()
-        fire_bc = hits.sum(sp, dtype=torch.float32) if sp else hits.float()
-    else:
-        hits = x > t
-        fire_bc = hits.sum(sp, dtype=torch.int32) if sp else hits.int()
-    fire = fire_bc.sum(0, dtype=torch.float64).to(torch.int64)
+    hits = x > t
+    fire = (hits.sum(sp, dtype=torch.int32) if sp else hits.int()).sum(0, dtype=torch.int64)
     total = (x.sum(sp, dtype=torch.float32) if sp else x.float()).sum(0, dtype=torch.float64)
     norm_bc = torch.linalg.vector_norm(x, dim=sp, dtype=torch.float32) if sp else x.float().abs()
     total_sq = norm_bc.double().square().sum(0)
@@ -469,6 +465,22 @@ def _compiled_fused(x: torch.Tensor) -> Callable[[], object] | None:
 # report
 
 
+def print_micro(device: torch.device, repeats: int) -> list[dict]:
+    print(f"\nmicro-benchmark: one (8, 64, 112, 112) float32 tensor on {device}, median (and min) of "
+          f"{repeats}, {torch.get_num_threads()} threads")
+    rows = micro_benchmark(device, repeats)
+    for row in rows:
+        if "error" in row:
+            print(f"  {row['case']:52s}   error: {row['error'][:80]}")
+        else:
+            check = ""
+            if "max_rel_err" in row:
+                check = (f"   max rel err vs float64 {row['max_rel_err']:.1e}, fire "
+                         f"{'exact' if row['fire_exact'] else 'NOT exact'}")
+            print(f"  {row['case']:52s} {row['ms']:8.2f} ms  (min {row['min_ms']:7.2f}){check}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -488,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro", action="store_true",
                     help="micro-benchmark the per-layer reductions on an (8, 64, 112, 112) tensor")
     ap.add_argument("--micro-repeats", type=int, default=20)
+    ap.add_argument("--micro-only", action="store_true", help="run only the micro-benchmark (no model)")
     ap.add_argument("--what-if", action="store_true",
                     help="also time the probe with _Accumulator.add swapped for this script's fast_stats "
                          "(interleaved with the others; reported, not gating)")
@@ -517,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
           f"loadavg={' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if report["config"]["gpu"]:
         print(f"  gpu: {report['config']['gpu']}")
+
+    if args.micro_only:
+        report["micro"] = print_micro(device, args.micro_repeats)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+            print(f"\nwrote {args.json}")
+        return 0
 
     try:
         with tempfile.TemporaryDirectory(prefix="probe_bench_") as tmp:
@@ -644,19 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({100 * prof['hooks_cpu_total_s'] / prof['probe_cpu_total_s']:.1f}%)")
         report["profile"] = {k: v for k, v in prof.items() if k != "table"}
     if args.micro:
-        print(f"\nmicro-benchmark: one (8, 64, 112, 112) float32 tensor on {device}, median (and min) of "
-              f"{args.micro_repeats}, {torch.get_num_threads()} threads")
-        rows = micro_benchmark(device, args.micro_repeats)
-        for row in rows:
-            if "error" in row:
-                print(f"  {row['case']:52s}   error: {row['error'][:80]}")
-            else:
-                check = ""
-                if "max_rel_err" in row:
-                    check = (f"   max rel err vs float64 {row['max_rel_err']:.1e}, fire "
-                             f"{'exact' if row['fire_exact'] else 'NOT exact'}")
-                print(f"  {row['case']:52s} {row['ms']:8.2f} ms  (min {row['min_ms']:7.2f}){check}")
-        report["micro"] = rows
+        report["micro"] = print_micro(device, args.micro_repeats)
 
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -74,7 +74,7 @@ def read_wav_at(path: Path, expected_rate: int, where: str, allow_resample: bool
     if rate != expected_rate:
         if not allow_resample:
             raise DataError(f"{where}: {path} is sampled at {rate} Hz, expected {expected_rate} Hz "
-                            f"(convert the files to {expected_rate} Hz, or enable resampling on load)")
+                            f"(convert the files to {expected_rate} Hz, or pass --resample)")
         x = resample(x, rate, expected_rate)
     return x
 

@@ -2,8 +2,8 @@
 
 Statistics accumulate on the model's device with no per-batch host synchronisation and no
 activation kept: per channel, the count of positions where the BN output exceeds the activation's
-threshold (0 for ReLU-like activations, -3 for hardswish), and the sum, sum of squares and max of
-the BN output. Eval mode throughout; optional autocast on GPU.
+threshold (0 for ReLU-like activations, -3 for hardswish), and the mean, variance and max of the
+BN output. Eval mode throughout; optional autocast on GPU.
 """
 
 from __future__ import annotations
@@ -52,13 +52,17 @@ class ProbeRun:
 
 
 class _Accumulator:
-    """Per-layer running sums on the device; nothing leaves it until `result()`."""
+    """Per-layer running statistics on the device; nothing leaves it until `result()`.
+
+    Mean and variance merge per-batch (mean, centred sum of squares) pairs with Chan et al.'s
+    formula in float64, so a constant channel has variance exactly 0 whatever its value.
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         self.fire: torch.Tensor | None = None
-        self.total: torch.Tensor | None = None
-        self.total_sq: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
         self.peak: torch.Tensor | None = None
         self.positions = 0
 
@@ -66,26 +70,27 @@ class _Accumulator:
     def add(self, out: torch.Tensor) -> None:
         x = out.detach()
         dims = [0, *range(2, x.dim())]
-        # float32 / int32 per-batch reductions (float64 and int64 ones run several times slower on
-        # CPU); the running totals across batches are float64 / int64.
+        n = x.numel() // x.shape[1]
+        # int32 per-batch counts: int64 reductions run several times slower on CPU.
         fire = x.gt(self.threshold).sum(dim=dims, dtype=torch.int32)
-        total = x.sum(dim=dims, dtype=torch.float32)
-        total_sq = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32).square()
+        var, mean = torch.var_mean(x.float() if x.dtype != torch.float32 else x, dim=dims, correction=0)
+        mean, m2 = mean.double(), var.double() * n
         peak = x.amax(dim=dims).float()
         if self.fire is None:
-            self.fire, self.total, self.total_sq, self.peak = fire.long(), total.double(), total_sq.double(), peak
+            self.fire, self.mean, self.m2, self.peak = fire.long(), mean, m2, peak
         else:
+            total = self.positions + n
+            delta = mean - self.mean
+            self.mean += delta * (n / total)
+            self.m2 += m2 + delta.square() * (self.positions * n / total)
             self.fire += fire
-            self.total += total
-            self.total_sq += total_sq
             torch.maximum(self.peak, peak, out=self.peak)
-        self.positions += x.numel() // x.shape[1]
+        self.positions += n
 
     def result(self) -> ChannelActivity:
         n = max(self.positions, 1)
-        mean = (self.total / n).cpu().numpy()
-        var = np.maximum((self.total_sq / n).cpu().numpy() - mean**2, 0.0)
-        return ChannelActivity((self.fire.double() / n).cpu().numpy(), mean, np.sqrt(var),
+        std = (self.m2 / n).clamp_min(0).sqrt()
+        return ChannelActivity((self.fire.double() / n).cpu().numpy(), self.mean.cpu().numpy(), std.cpu().numpy(),
                                self.peak.cpu().numpy().astype(np.float64), self.positions)
 
 
