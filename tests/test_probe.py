@@ -592,3 +592,53 @@ def test_constant_channels_are_measured_constant_whatever_their_value(tmp_path):
             if not (m.activity.std[c] < CONSTANT_STD and c in m.constant):
                 wrong.append(f"{layer}[{c}] = {beta:g}: std {float(m.activity.std[c]):.2g}")
     assert wrong == [], "constant channels measured as varying: " + "; ".join(wrong)
+
+
+# --- models that carry their graph ------------------------------------------------------------
+
+def _small_resnet_with_planted_channels() -> torch.nn.Module:
+    from avdiag.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(in_channels=3, width=8).eval()
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[[1, 5]] = 0.0
+        model.layer1[0].bn1.bias[[1, 5]] = -1.0  # outputs -1 everywhere: dead before the ReLU
+        model.layer1[0].bn1.weight[2] = 0.0
+        model.layer1[0].bn1.bias[2] = 1.0  # outputs +1 everywhere: constant, never dead
+    return model
+
+
+@pytest.mark.parametrize("kind", ["pt2", "torchscript"])
+def test_graph_formats_probe_like_the_eager_model(kind, tmp_path):
+    """A .pt2 program (run through its own graph, BN outputs tapped there) and a TorchScript file
+    (run through the built-in ResNet it fits) measure what forward hooks on the eager model measure."""
+    model = _small_resnet_with_planted_channels()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    data = tmp_path / "images.npz"
+    np.savez(data, visual=images.unsqueeze(2).numpy(), labels=np.zeros(6, dtype=np.int64))
+    path = tmp_path / ("model.pt2" if kind == "pt2" else "model.pt")
+    if kind == "pt2":
+        torch.export.save(torch.export.export(model, (images[:2],)), path)
+    else:
+        torch.jit.script(model).save(str(path))
+
+    result = inspect_checkpoint(path, probe=ProbeOptions(data=str(data), device="cpu", batch_size=2))
+
+    expected = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=n: expected.setdefault(name, []).append(out))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    assert result.probe.samples == 6
+    assert result.probe.model == ("graph:torch-export" if kind == "pt2" else "registry:resnet")
+    assert set(result.measured) == set(expected)
+    for name, outs in expected.items():
+        out = torch.cat(outs)
+        rate = (out > 0).double().mean(dim=(0, 2, 3)).numpy()
+        np.testing.assert_allclose(result.measured[name].activity.fire_rate, rate, atol=1e-12)
+    layer = result.measured["layer1.0.bn1"]
+    assert {1, 5} <= set(layer.dead) and 2 not in layer.dead
+    assert {1, 2, 5} <= set(layer.constant)
