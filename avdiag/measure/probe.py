@@ -69,13 +69,16 @@ class _Accumulator:
     @torch.no_grad()
     def add(self, out: torch.Tensor) -> None:
         x = out.detach()
-        dims = [0, *range(2, x.dim())]
-        n = x.numel() // x.shape[1]
-        # int32 per-batch counts: int64 reductions run several times slower on CPU.
-        fire = x.gt(self.threshold).sum(dim=dims, dtype=torch.int32)
-        var, mean = torch.var_mean(x.float() if x.dtype != torch.float32 else x, dim=dims, correction=0)
-        mean, m2 = mean.double(), var.double() * n
-        peak = x.amax(dim=dims).float()
+        x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, C, positions)
+        if x.dtype != torch.float32:
+            x = x.float()
+        n_bc = x.shape[2]
+        n = x.shape[0] * n_bc
+        # Per-batch reductions stay in float32 / int32 over the last axis (float64 / int64 or
+        # (0, 2)-axis reductions, and var_mean, run several times slower on CPU).
+        fire = x.gt(self.threshold).sum(dim=2, dtype=torch.int32).sum(dim=0)
+        peak = x.amax(dim=2).amax(dim=0)
+        mean, m2 = _moments(x)
         if self.fire is None:
             self.fire, self.mean, self.m2, self.peak = fire.long(), mean, m2, peak
         else:
@@ -92,6 +95,24 @@ class _Accumulator:
         std = (self.m2 / n).clamp_min(0).sqrt()
         return ChannelActivity((self.fire.double() / n).cpu().numpy(), self.mean.cpu().numpy(), std.cpu().numpy(),
                                self.peak.cpu().numpy().astype(np.float64), self.positions)
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and centred sum of squares of a (B, C, P) tensor, in float64.
+
+    Each (b, c) row is shifted by its first value before summing, so a constant channel gives
+    exactly zero variance and there is no cancellation when |mean| >> std; the rows are then merged
+    over the batch with Chan et al.'s formula.
+    """
+    p = x.shape[2]
+    shift = x[:, :, :1]
+    d = x - shift
+    sum_d = d.sum(dim=2).double()
+    sq = torch.linalg.vector_norm(d, dim=2).double().square()
+    mean_bc = shift[:, :, 0].double() + sum_d / p
+    m2_bc = (sq - sum_d.square() / p).clamp_min(0)
+    mean = mean_bc.mean(dim=0)
+    return mean, m2_bc.sum(dim=0) + p * (mean_bc - mean).square().sum(dim=0)
 
 
 def activation_threshold(layer: BNLayer) -> float:
