@@ -29,6 +29,12 @@ class Checkpoint:
     graph: Any = None  # the torch.export program (JSON) or the TorchScript module, when the file has one
     metadata: dict[str, str] = field(default_factory=dict)
     original_names: dict[str, str] = field(default_factory=dict)  # clean name -> name in the file
+    root: Any = None  # torch pickles: the whole saved object (optimizer state etc.), for writing back
+
+    @property
+    def state_path(self) -> list[str]:
+        """Keys leading from ``root`` to the state dict (e.g. ["model"])."""
+        return [u.value for u in self.unwrapped if u.kind in ("key", "lightning")]
 
 
 def load_checkpoint(path: str | Path, *, allow_globals: list[str] | tuple[str, ...] = (),
@@ -59,6 +65,7 @@ def load_checkpoint(path: str | Path, *, allow_globals: list[str] | tuple[str, .
         graph=raw.graph,
         metadata=raw.metadata,
         original_names={v: k for k, v in rename.items()},
+        root=raw.root,
     )
 
 

@@ -26,12 +26,13 @@ class RawCheckpoint:
     files: list[Path] = field(default_factory=list)
     graph: Any = None
     metadata: dict[str, str] = field(default_factory=dict)
+    root: Any = None  # the whole unpickled object (torch pickles), for writing it back
 
 
 def read_torch_pickle(path: Path, fmt: str, allow: list[str], unsafe: bool) -> RawCheckpoint:
     obj = load_torch_pickle(path, fmt, allow, unsafe)
     tensors, steps, extras = find_state_dict(obj)
-    return RawCheckpoint(TensorStore.from_mapping(tensors), steps, extras, [path])
+    return RawCheckpoint(TensorStore.from_mapping(tensors), steps, extras, [path], root=obj)
 
 
 _SAFETENSORS_DTYPES = {
