@@ -226,18 +226,24 @@ def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None
         parse_overrides([f"{k}={v}" for k, v in modality.items()]) if modality else None)
     ckpt = load_checkpoint(path, allow_globals=allow_globals, unsafe=unsafe)
     located = locate(ckpt, modality_overrides=overrides, bn_eps=bn_eps, assume_activation=assume_activation)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(sha256_of, ckpt.files) if hash_file else None  # overlaps the tensor scan
-        verdicts, scan = _measure(ckpt, located, thresholds)
-        sha = digest.result() if digest else None
-    summary = CheckpointSummary(str(ckpt.path), ckpt.format, sha, sum(f.stat().st_size for f in ckpt.files),
-                                scan.n_tensors, scan.n_elements, [u.to_dict() for u in ckpt.unwrapped], ckpt.extras)
-    modalities = _summarise(verdicts, located.layout)
-    result = InspectResult(summary, located.layout, thresholds, verdicts, modalities,
-                           _findings(verdicts, scan.nonfinite, thresholds), scan.nonfinite)
+    result = scan(ckpt, located, thresholds, hash_file=hash_file)
     if probe is not None:
         _run_probe(result, ckpt, located, probe)
     return result
+
+
+def scan(ckpt: Checkpoint, located: Located, thresholds: Thresholds, hash_file: bool = True) -> InspectResult:
+    """The static part of an inspection, on an already loaded and located checkpoint."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_of, ckpt.files) if hash_file else None  # overlaps the tensor scan
+        verdicts, tensor_scan = _measure(ckpt, located, thresholds)
+        sha = digest.result() if digest else None
+    summary = CheckpointSummary(str(ckpt.path), ckpt.format, sha, sum(f.stat().st_size for f in ckpt.files),
+                                tensor_scan.n_tensors, tensor_scan.n_elements, [u.to_dict() for u in ckpt.unwrapped],
+                                ckpt.extras)
+    modalities = _summarise(verdicts, located.layout)
+    return InspectResult(summary, located.layout, thresholds, verdicts, modalities,
+                         _findings(verdicts, tensor_scan.nonfinite, thresholds), tensor_scan.nonfinite)
 
 
 def _run_probe(result: InspectResult, ckpt: Checkpoint, located: Located, opts: ProbeOptions) -> None:

@@ -35,20 +35,17 @@ What one invocation does:
 5. ``--profile``: one more probe run under ``torch.profiler`` (CPU activity; CUDA too on a
    GPU), with ``_Accumulator.add`` wrapped in a ``record_function`` label for the duration of
    that run only, so the hooks' share can be read off; the top ops by self time are printed.
-6. ``--what-if``: a third approach in the same interleaved rounds, the probe with
-   ``_Accumulator.add`` swapped (for those runs only) for this script's ``fast_stats``: the same
-   four statistics by cheaper torch routes.  Its results are first checked against the
-   current ones.  Reported, never gating: it estimates what a change in avdiag would buy.
-7. ``--micro``: a micro-benchmark of the per-layer reductions that ``_Accumulator.add`` does,
-   and of cheaper ways to get the same figures, on one (8, 64, 112, 112) float32 tensor
-   (the output of the visual stem's BN at batch 8).
+6. ``--micro`` (``--micro-only``: nothing else): a micro-benchmark of the individual torch
+   reductions, of the installed ``_Accumulator.add`` and, for reference, of the first probe
+   version's four sums and a torch.compile'd fused pass, on one (8, 64, 112, 112) float32
+   tensor (the visual stem's BN output at batch 8).
 
 Exit status: 0 every check passes, 1 one fails, 2 the harness could not measure.
 
 Usage::
 
     .venv/bin/python benchmarks/probe_bench.py                       # CPU, 8 batches of 8, 5 repeats
-    .venv/bin/python benchmarks/probe_bench.py --batches 4 --repeats 3 --profile --micro --what-if
+    .venv/bin/python benchmarks/probe_bench.py --batches 4 --repeats 3 --profile --micro
     .venv/bin/python benchmarks/probe_bench.py --device cuda --amp --json probe_gpu.json
 """
 
@@ -69,7 +66,6 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MIB = 1024 * 1024
@@ -85,37 +81,27 @@ IMAGE_SIZE = 224
 # memory
 
 
-class _StatusReader:
-    """RssAnon (bytes) of this process, read from a kept-open /proc/self/status."""
+class _AnonPeak(threading.Thread):
+    """Samples this process's RssAnon (from a kept-open /proc/self/status) every ``interval_s``
+    until stopped; ``before`` is the first sample, ``peak`` the maximum, ``after`` the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = 0.002) -> None:
+        super().__init__(name="rss-anon-sampler", daemon=True)
+        self._interval = interval_s
+        self._stop_event = threading.Event()
         self._fd = os.open("/proc/self/status", os.O_RDONLY)
+        self.before = self.peak = self.after = self._read()
+        self.samples = 1
 
-    def rss_anon(self) -> int:
+    def _read(self) -> int:
         raw = os.pread(self._fd, 16384, 0)
         i = raw.find(b"RssAnon:")
         if i < 0:
             raise RuntimeError("/proc/self/status has no RssAnon field")
         return int(raw[i + 8 : raw.find(b"\n", i)].split()[0]) * 1024
 
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class _AnonPeak(threading.Thread):
-    """Samples RssAnon every ``interval_s`` until stopped; ``peak`` is the maximum seen."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        super().__init__(name="rss-anon-sampler", daemon=True)
-        self._interval = interval_s
-        self._stop_event = threading.Event()
-        self._reader = _StatusReader()
-        self.before = self.peak = self._reader.rss_anon()
-        self.after = self.before
-        self.samples = 1
-
     def _sample(self) -> int:
-        value = self._reader.rss_anon()
+        value = self._read()
         self.peak = max(self.peak, value)
         self.samples += 1
         return value
@@ -128,7 +114,7 @@ class _AnonPeak(threading.Thread):
         self._stop_event.set()
         self.join()
         self.after = self._sample()
-        self._reader.close()
+        os.close(self._fd)
 
 
 def _malloc_trim() -> None:
@@ -257,17 +243,6 @@ class Runner:
         self._sync()
         return run
 
-    def probe_fast(self, batches):
-        """``probe`` with ``_Accumulator.add`` swapped for this script's ``_fast_add`` (what-if)."""
-        from avdiag.measure import probe as probe_mod
-
-        original = probe_mod._Accumulator.add
-        probe_mod._Accumulator.add = _fast_add
-        try:
-            return self.probe(batches)
-        finally:
-            probe_mod._Accumulator.add = original
-
     def timed(self, fn: Callable[[], object]) -> float:
         self._sync()
         t0 = time.perf_counter()
@@ -339,8 +314,9 @@ def _time_median(fn: Callable[[], object], repeats: int, device: torch.device) -
     return statistics.median(times), min(times)
 
 
-def current_stats(x: torch.Tensor, t: float):
-    """What ``_Accumulator.add`` computes per call today (copied from avdiag/measure/probe.py)."""
+def original_stats(x: torch.Tensor, t: float):
+    """What the first ``_Accumulator.add`` computed per call (sums, for reference):
+    fire count (int64), sum (float64), sum of squares, max, over (0, 2, 3)."""
     dims = [0, *range(2, x.dim())]
     fire = (x > t).sum(dim=dims)
     total = x.sum(dim=dims, dtype=torch.float64)
@@ -349,104 +325,91 @@ def current_stats(x: torch.Tensor, t: float):
     return fire, total, total_sq, peak
 
 
-def fast_stats(x: torch.Tensor, t: float):
-    """The same four statistics by cheaper routes (a candidate, not avdiag's code).
-
-    * reduce the contiguous spatial axes first, to (B, C), then the batch axis: torch's
-      reductions over (0, 2, 3) of an NCHW tensor with an up-cast take a slow path;
-    * accumulate in float32 per (B, C) and only the (B, C) partials in float64: with
-      ``x.sum(dtype=float64)`` torch first makes a float64 copy of the whole tensor;
-    * fire count: the bool mask summed into int32 per (B, C) (exact below 2**31 positions),
-      then into int64: summing a bool tensor straight into int64 also copies it to int64 first.
-      Those full-size copies (8 bytes an element) are page-faulted in afresh on every call.
-    """
-    sp = list(range(2, x.dim()))
-    hits = x > t
-    fire = (hits.sum(sp, dtype=torch.int32) if sp else hits.int()).sum(0, dtype=torch.int64)
-    total = (x.sum(sp, dtype=torch.float32) if sp else x.float()).sum(0, dtype=torch.float64)
-    norm_bc = torch.linalg.vector_norm(x, dim=sp, dtype=torch.float32) if sp else x.float().abs()
-    total_sq = norm_bc.double().square().sum(0)
-    peak = (x.amax(sp) if sp else x).amax(0).float()
-    return fire, total, total_sq, peak
-
-
-def _fast_add(self, out: torch.Tensor) -> None:
-    """Drop-in for ``_Accumulator.add`` built on :func:`fast_stats` (``--what-if`` only)."""
-    with torch.no_grad():
-        x = out.detach()
-        fire, total, total_sq, peak = fast_stats(x, self.threshold)
-        if self.fire is None:
-            self.fire, self.total, self.total_sq, self.peak = fire, total, total_sq, peak
-        else:
-            self.fire += fire
-            self.total += total
-            self.total_sq += total_sq
-            torch.maximum(self.peak, peak, out=self.peak)
-        self.positions += x.numel() // x.shape[1]
+def _activity_stats(acc) -> tuple[torch.Tensor, ...]:
+    """(fire count, mean, variance, max) in float64 from an accumulator's ``result()``."""
+    r = acc.result()
+    f64 = [torch.as_tensor(a, dtype=torch.float64) for a in (r.fire_rate, r.mean, r.std, r.max)]
+    return torch.round(f64[0] * r.positions), f64[1], f64[2] ** 2, f64[3]
 
 
 def micro_benchmark(device: torch.device, repeats: int, shape=(8, 64, 112, 112)) -> list[dict]:
-    """Per-call time of each reduction ``_Accumulator.add`` does, and of alternatives.
+    """Per-call time of the individual per-layer reductions (the installed probe's and
+    alternatives), of avdiag's installed ``_Accumulator.add`` and of the first probe version's
+    four sums, on one BN-output-sized tensor.
 
-    Each combined variant is checked against float64 sums of the same tensor: ``max_rel_err``
-    is the largest relative error over the four statistics (fire counts must be exact).
+    Whole-statistics variants are checked against float64 on the same tensor: ``max_rel_err``
+    is the largest relative error over (fire count, mean, variance, max), fire counts must be
+    exact, and ``const_std`` is the std they give a channel that is constant 5.3.
     """
+    from avdiag.measure.probe import _Accumulator
+
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen).to(device)
-    xf = x.flatten(2)
-    dims = [0, 2, 3]
-    sp = [2, 3]
+    const = torch.full((2, 4, *shape[2:]), 5.3, device=device)
+    dims, sp = [0, 2, 3], [2, 3]
     xd = x.double()
-    exact = ((x > 0).sum(dims).double(), xd.sum(dims), (xd * xd).sum(dims), xd.amax(dims))
+    exact = ((x > 0).sum(dims).double().cpu(), xd.mean(dims).cpu(), xd.var(dims, correction=0).cpu(),
+             xd.amax(dims).cpu())
 
-    cases: list[tuple[str, Callable[[], object]]] = [
-        ("floor  x.sum()  (one read of x)", lambda: x.sum()),
-        ("floor  torch.relu(x)  (one read, one new tensor)", lambda: torch.relu(x)),
-        ("fire   now: (x > 0).sum(0,2,3) -> int64", lambda: (x > 0).sum(dim=dims)),
-        ("fire   (x > 0).sum(0,2,3, dtype=int32)", lambda: (x > 0).sum(dim=dims, dtype=torch.int32)),
-        ("fire   (x > 0).sum(2,3, int32).sum(0)", lambda: (x > 0).sum(sp, dtype=torch.int32).sum(0)),
-        ("fire   count_nonzero(x > 0, (0,2,3))", lambda: torch.count_nonzero(x > 0, dim=dims)),
-        ("fire   relu(x).sign_().sum(2,3).sum(0)", lambda: torch.relu(x).sign_().sum(sp).sum(0)),
-        ("total  now: x.sum(0,2,3, dtype=float64)", lambda: x.sum(dim=dims, dtype=torch.float64)),
-        ("total  x.sum(0,2,3)  float32", lambda: x.sum(dim=dims)),
-        ("total  x.sum(2,3).sum(0, float64)", lambda: x.sum(sp).sum(0, dtype=torch.float64)),
-        ("sq     now: vector_norm(x, (0,2,3), float32)",
-         lambda: torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32)),
-        ("sq     vector_norm(x, (2,3))", lambda: torch.linalg.vector_norm(x, dim=sp)),
-        ("sq     (x * x).sum(0,2,3)", lambda: (x * x).sum(dim=dims)),
-        ("sum+sq var_mean(x, (0,2,3))", lambda: torch.var_mean(x, dim=dims, correction=0)),
-        ("peak   now: x.amax(0,2,3)", lambda: x.amax(dim=dims)),
-        ("peak   x.amax(2,3).amax(0)", lambda: x.amax(sp).amax(0)),
-        ("ALL    now: _Accumulator.add's four", lambda: current_stats(x, 0.0)),
-        ("ALL    fast_stats (this script)", lambda: fast_stats(x, 0.0)),
-        ("ALL    fast_stats, threshold -3 (hardswish)", lambda: fast_stats(x, -3.0)),
-        ("ALL    flattened to (B, C, HW), two-stage", lambda: (
-            (xf > 0).sum(-1, dtype=torch.int32).sum(0), xf.sum(-1).sum(0, dtype=torch.float64),
-            torch.linalg.vector_norm(xf, dim=-1).double().square().sum(0), xf.amax(-1).amax(0))),
+    def installed_once(v):
+        acc = _Accumulator(0.0)
+        acc.add(v)
+        return _activity_stats(acc)
+
+    def original_once(v):
+        fire, total, total_sq, peak = (a.double().cpu() for a in original_stats(v, 0.0))
+        n = v.numel() // v.shape[1]
+        mean = total / n
+        return fire, mean, (total_sq / n - mean**2).clamp_min(0), peak
+
+    persistent = _Accumulator(0.0)
+    cases: list[tuple[str, Callable[[], object], Callable[[torch.Tensor], tuple] | None]] = [
+        ("floor  x.sum()  (one read of x)", lambda: x.sum(), None),
+        ("floor  torch.relu(x)  (one read, one new tensor)", lambda: torch.relu(x), None),
+        ("fire   (x > 0).sum(0,2,3) -> int64  (original)", lambda: (x > 0).sum(dim=dims), None),
+        ("fire   (x > 0).sum(0,2,3, dtype=int32)", lambda: (x > 0).sum(dim=dims, dtype=torch.int32), None),
+        ("fire   (x > 0).sum(2,3, int32).sum(0)", lambda: (x > 0).sum(sp, dtype=torch.int32).sum(0), None),
+        ("fire   relu(x).sign_().sum(2,3).sum(0)", lambda: torch.relu(x).sign_().sum(sp).sum(0), None),
+        ("sum    x.sum(0,2,3, dtype=float64)  (original)", lambda: x.sum(dim=dims, dtype=torch.float64), None),
+        ("sum    x.sum(0,2,3)  float32", lambda: x.sum(dim=dims), None),
+        ("sum    x.sum(2,3).sum(0, float64)", lambda: x.sum(sp).sum(0, dtype=torch.float64), None),
+        ("sq     vector_norm(x, (0,2,3), float32)  (original)",
+         lambda: torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32), None),
+        ("sq     vector_norm(x, (2,3))", lambda: torch.linalg.vector_norm(x, dim=sp), None),
+        ("var    var_mean(x, (0,2,3))", lambda: torch.var_mean(x, dim=dims, correction=0), None),
+        ("var    var_mean(x, (2,3))", lambda: torch.var_mean(x, dim=sp, correction=0), None),
+        ("var    d = x - x[:,:,:1,:1]; d.sum(2,3), norm(d,(2,3))", lambda: (
+            (d := x - x[:, :, :1, :1]).sum(sp), torch.linalg.vector_norm(d, dim=sp)), None),
+        ("peak   x.amax(0,2,3)", lambda: x.amax(dim=dims), None),
+        ("peak   x.amax(2,3).amax(0)", lambda: x.amax(sp).amax(0), None),
+        ("ALL    avdiag _Accumulator.add (installed)", lambda: persistent.add(x), installed_once),
+        ("ALL    original four sums (first probe version)", lambda: original_stats(x, 0.0), original_once),
     ]
     compiled = _compiled_fused(x)
     if compiled is not None:
-        cases.append(("ALL    torch.compile'd, one fused pass", compiled))
+        cases.append(("ALL    torch.compile'd sums, one fused pass", compiled, None))
 
     results = []
-    for name, fn in cases:
+    for name, fn, check in cases:
         try:
             seconds, fastest = _time_median(fn, repeats, device)
         except Exception as e:  # an alternative this torch / device does not support
             results.append({"case": name, "error": f"{type(e).__name__}: {e}"})
             continue
         row = {"case": name, "ms": seconds * 1e3, "min_ms": fastest * 1e3}
-        if name.startswith("ALL") and "-3" not in name:
-            got = fn()
+        if check is not None:
+            got = check(x)
             errs = [float(((g.double() - e).abs() / e.abs().clamp_min(1.0)).max()) for g, e in zip(got, exact)]
             row["max_rel_err"] = max(errs)
             row["fire_exact"] = errs[0] == 0.0
+            row["const_std"] = float(check(const)[2].max().sqrt())
         results.append(row)
     return results
 
 
 def _compiled_fused(x: torch.Tensor) -> Callable[[], object] | None:
-    """The four statistics in one torch.compile'd function (inductor fuses them into one loop)."""
+    """Fire count, sum, sum of squares and max in one torch.compile'd function (inductor
+    fuses them into one loop over x); timing only, to show the floor of a fused kernel."""
     def stats(v: torch.Tensor):
         vf = v.flatten(2)
         return ((vf > 0).sum(-1, dtype=torch.int32).sum(0), vf.sum(-1).double().sum(0),
@@ -471,14 +434,20 @@ def print_micro(device: torch.device, repeats: int) -> list[dict]:
     rows = micro_benchmark(device, repeats)
     for row in rows:
         if "error" in row:
-            print(f"  {row['case']:52s}   error: {row['error'][:80]}")
+            print(f"  {row['case']:56s}   error: {row['error'][:80]}")
         else:
             check = ""
             if "max_rel_err" in row:
-                check = (f"   max rel err vs float64 {row['max_rel_err']:.1e}, fire "
-                         f"{'exact' if row['fire_exact'] else 'NOT exact'}")
-            print(f"  {row['case']:52s} {row['ms']:8.2f} ms  (min {row['min_ms']:7.2f}){check}")
+                check = (f"   rel err {row['max_rel_err']:.1e}, fire {'exact' if row['fire_exact'] else 'NOT exact'}"
+                         f", constant std {row['const_std']:.1e}")
+            print(f"  {row['case']:56s} {row['ms']:8.2f} ms  (min {row['min_ms']:7.2f}){check}")
     return rows
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,9 +470,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="micro-benchmark the per-layer reductions on an (8, 64, 112, 112) tensor")
     ap.add_argument("--micro-repeats", type=int, default=20)
     ap.add_argument("--micro-only", action="store_true", help="run only the micro-benchmark (no model)")
-    ap.add_argument("--what-if", action="store_true",
-                    help="also time the probe with _Accumulator.add swapped for this script's fast_stats "
-                         "(interleaved with the others; reported, not gating)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args(argv)
 
@@ -533,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.micro_only:
         report["micro"] = print_micro(device, args.micro_repeats)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2, default=str))
-            print(f"\nwrote {args.json}")
+        write_json(args.json, report)
         return 0
 
     try:
@@ -566,31 +530,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     del run
 
-    if args.what_if:  # the fast statistics must agree with the current ones before they are timed
-        a, b = runner.probe(batches[:2]), runner.probe_fast(batches[:2])
-        diff = {f: max(float(np.max(np.abs(getattr(a.activity[k], f) - getattr(b.activity[k], f))))
-                       for k in a.activity) for f in ("fire_rate", "mean", "std", "max")}
-        print("  what-if fast_stats vs current, max abs difference over all channels: "
-              + ", ".join(f"{f} {v:.2e}" for f, v in diff.items()))
-        report["what_if_agreement"] = diff
-        del a, b
-
     # ---- speed
     print(f"\nspeed: {args.repeats} interleaved rounds after one warm-up of each")
     runner.plain(batches)
     runner.probe(batches)
-    if args.what_if:
-        runner.probe_fast(batches)
-    plain_s, probe_s, fast_s = [], [], []
+    plain_s, probe_s = [], []
     for i in range(args.repeats):
         plain_s.append(runner.timed(lambda: runner.plain(batches)))
         probe_s.append(runner.timed(lambda: runner.probe(batches)))
-        line = (f"  round {i + 1}: plain {plain_s[-1]:.3f} s   probe {probe_s[-1]:.3f} s   "
-                f"ratio {probe_s[-1] / plain_s[-1]:.3f}")
-        if args.what_if:
-            fast_s.append(runner.timed(lambda: runner.probe_fast(batches)))
-            line += f"   | what-if fast {fast_s[-1]:.3f} s ratio {fast_s[-1] / plain_s[-1]:.3f}"
-        print(line)
+        print(f"  round {i + 1}: plain {plain_s[-1]:.3f} s   probe {probe_s[-1]:.3f} s   "
+              f"ratio {probe_s[-1] / plain_s[-1]:.3f}")
     med_plain, med_probe = statistics.median(plain_s), statistics.median(probe_s)
     ratio = med_probe / med_plain
     paired = statistics.median(p / a for p, a in zip(probe_s, plain_s))
@@ -600,33 +549,26 @@ def main(argv: list[str] | None = None) -> int:
                        "probe_median_s": med_probe, "ratio_of_medians": ratio, "median_paired_ratio": paired,
                        "target": SPEED_TARGET, "pass": speed_pass,
                        "plain_samples_per_s": samples / med_plain, "probe_samples_per_s": samples / med_probe}
-    if args.what_if:
-        report["what_if"] = {"probe_fast_s": fast_s, "probe_fast_median_s": statistics.median(fast_s),
-                             "ratio_of_medians": statistics.median(fast_s) / med_plain,
-                             "median_paired_ratio": statistics.median(f / a for f, a in zip(fast_s, plain_s))}
 
     # ---- memory
     mem = None
     if not args.no_memory:
         n_small, n_big = args.batches, args.batches * args.mem_factor
         print(f"\nmemory: N={n_small} and {args.mem_factor}N={n_big} batches, generated lazily from 2 fixed batches")
-        fixed = batches[:2] if len(batches) >= 2 else batches
-        mem = {}
+        runs = {}
         for n in (n_small, n_big):
             for name, fn in (("plain", runner.plain), ("probe", runner.probe)):
-                m = measure_memory(lambda: fn(cycling(fixed, n)), device)
-                mem[f"{name}_{n}"] = m
+                m = runs[f"{name}_{n}"] = measure_memory(lambda: fn(cycling(batches[:2], n)), device)
                 print(f"  {name:5s} N={n:3d}: peak +{m['peak_mib']:7.1f} MiB   retained {m['retained_mib']:+7.1f} MiB"
                       f"   ({m['seconds']:.2f} s)")
-        small, big = mem[f"probe_{n_small}"]["peak_mib"], mem[f"probe_{n_big}"]["peak_mib"]
+        peak = {key: m["peak_mib"] for key, m in runs.items()}
+        small, big = peak[f"probe_{n_small}"], peak[f"probe_{n_big}"]
         limit = (1 + MEM_REL_TOL) * small + MEM_ABS_TOL_MIB
-        extra_small = small - mem[f"plain_{n_small}"]["peak_mib"]
-        extra_big = big - mem[f"plain_{n_big}"]["peak_mib"]
-        mem_pass = big <= limit
-        report["memory"] = {"runs": mem, "n": n_small, "n_big": n_big, "probe_peak_n_mib": small,
-                            "probe_peak_big_mib": big, "limit_mib": limit, "probe_extra_over_plain_n_mib": extra_small,
-                            "probe_extra_over_plain_big_mib": extra_big, "pass": mem_pass,
-                            "measure": mem[f"probe_{n_small}"]["kind"]}
+        mem = report["memory"] = {
+            "runs": runs, "n": n_small, "n_big": n_big, "probe_peak_n_mib": small, "probe_peak_big_mib": big,
+            "limit_mib": limit, "probe_extra_over_plain_n_mib": small - peak[f"plain_{n_small}"],
+            "probe_extra_over_plain_big_mib": big - peak[f"plain_{n_big}"], "pass": big <= limit,
+            "measure": runs[f"probe_{n_small}"]["kind"]}
 
     # ---- summary
     print("\n| | plain forward | probe | probe / plain |")
@@ -635,23 +577,18 @@ def main(argv: list[str] | None = None) -> int:
           f"(target <= {SPEED_TARGET}) |")
     print(f"| median paired ratio | | | {paired:.3f} |")
     print(f"| samples / s | {samples / med_plain:.1f} | {samples / med_probe:.1f} | |")
-    if args.what_if:
-        w = report["what_if"]
-        print(f"| what-if: probe with fast_stats (s) | | {w['probe_fast_median_s']:.3f} | "
-              f"{w['ratio_of_medians']:.3f} (paired {w['median_paired_ratio']:.3f}; not gating) |")
     if mem is not None:
-        r = report["memory"]
-        for n in (r["n"], r["n_big"]):
-            print(f"| peak memory, {n} batches (MiB) | {mem[f'plain_{n}']['peak_mib']:.1f} | "
-                  f"{mem[f'probe_{n}']['peak_mib']:.1f} | extra {mem[f'probe_{n}']['peak_mib'] - mem[f'plain_{n}']['peak_mib']:+.1f} |")
+        for n in (mem["n"], mem["n_big"]):
+            plain_mib, probe_mib = mem["runs"][f"plain_{n}"]["peak_mib"], mem["runs"][f"probe_{n}"]["peak_mib"]
+            print(f"| peak memory, {n} batches (MiB) | {plain_mib:.1f} | {probe_mib:.1f} | "
+                  f"extra {probe_mib - plain_mib:+.1f} |")
     print(f"\nspeed   probe/plain {ratio:.3f} <= {SPEED_TARGET}: {'PASS' if speed_pass else 'FAIL'}")
     ok = speed_pass
     if mem is not None:
-        r = report["memory"]
-        print(f"memory  probe peak {r['probe_peak_big_mib']:.1f} MiB at {r['n_big']} batches <= "
-              f"{1 + MEM_REL_TOL:.2f} x {r['probe_peak_n_mib']:.1f} + {MEM_ABS_TOL_MIB:.0f} = {r['limit_mib']:.1f} MiB "
-              f"({r['measure']}): {'PASS' if r['pass'] else 'FAIL'}")
-        ok = ok and r["pass"]
+        print(f"memory  probe peak {big:.1f} MiB at {n_big} batches <= "
+              f"{1 + MEM_REL_TOL:.2f} x {small:.1f} + {MEM_ABS_TOL_MIB:.0f} = {limit:.1f} MiB "
+              f"({mem['measure']}): {'PASS' if mem['pass'] else 'FAIL'}")
+        ok = ok and mem["pass"]
 
     # ---- profile / micro
     if args.profile:
@@ -666,9 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.micro:
         report["micro"] = print_micro(device, args.micro_repeats)
 
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
     return 0 if ok else 1
 
 
