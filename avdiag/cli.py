@@ -10,6 +10,7 @@ import shutil
 import sys
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,6 +33,83 @@ app = typer.Typer(
 
 _DEFAULTS = Thresholds()
 
+# Options shared by several commands, declared once.
+JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH",
+                    help="Write the JSON report to PATH ('-' = stdout, and nothing else on stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
+AllowGlobalOpt = Annotated[list[str], typer.Option("--allow-global", metavar="pkg.Class",
+                           help="Admit this pickle global as an inert placeholder (repeatable).")]
+UnsafeOpt = Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
+                      "in the file. Only for files you made yourself.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Data to run the model on: "
+                    "cremad:ROOT, vggsound:ROOT, ks:ROOT, ave:ROOT, avdigits:DIR, a bare name under $AVDIAG_DATA, "
+                    "a .npz/.safetensors tensor file, an image or wav folder, synthetic[:k=v,...], pkg.mod:factory.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", metavar="pkg.module:factory",
+                     help="Build the model with this factory (strict load) instead of the built-in registry.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1)]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most this many samples "
+                     "(a seeded random subset).")]
+WorkersOpt = Annotated[int, typer.Option("--num-workers", min=0)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sample selection.")]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="Autocast on GPU.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Resize images (folders).")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", metavar="R,G,B", help="Image normalisation mean.")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", metavar="R,G,B", help="Image normalisation std.")]
+SampleRateOpt = Annotated[Optional[int], typer.Option("--sample-rate", help="Expected wav sample rate.")]
+ClassOrderOpt = Annotated[Optional[str], typer.Option("--class-order", help="e.g. ogm or alphabetical (CREMA-D).")]
+FramesOpt = Annotated[Optional[int], typer.Option("--frames", min=1, help="Visual frames per item.")]
+SecondsOpt = Annotated[Optional[float], typer.Option("--seconds", help="Audio duration (tile/crop).")]
+NFftOpt = Annotated[Optional[int], typer.Option("--n-fft", min=2, help="STFT size.")]
+HopOpt = Annotated[Optional[int], typer.Option("--hop", min=1, help="STFT hop.")]
+ResampleOpt = Annotated[bool, typer.Option("--resample", help="Resample wav files whose rate differs from the "
+                        "dataset's (as librosa.load(sr=...) does) instead of refusing them.")]
+
+
+@dataclass
+class DataArgs:
+    """The data-related options of a command, gathered into the library's ProbeOptions."""
+
+    data: str | None
+    model: str | None
+    device: str
+    split: str
+    batch_size: int
+    limit: int | None
+    num_workers: int
+    seed: int
+    amp: bool
+    image_size: int | None
+    mean: str | None
+    std: str | None
+    sample_rate: int | None
+    class_order: str | None
+    frames: int | None
+    seconds: float | None
+    n_fft: int | None
+    hop: int | None
+    resample: bool
+
+    def options(self, thresholds: ProbeThresholds | None = None, progress: bool = False):
+        from avdiag.data import DataOptions
+        from avdiag.inspection import ProbeOptions
+
+        if self.data is None:
+            if self.model is not None:
+                raise UsageError("--model is used with --data (the model is only run on data)")
+            return None
+        data_options = DataOptions(image_size=self.image_size, mean=_floats(self.mean, "--mean"),
+                                   std=_floats(self.std, "--std"), sample_rate=self.sample_rate,
+                                   class_order=self.class_order, frames=self.frames, seconds=self.seconds,
+                                   n_fft=self.n_fft, hop=self.hop, resample=self.resample)
+        return ProbeOptions(data=self.data, model=self.model, device=self.device, split=self.split,
+                            batch_size=self.batch_size, limit=self.limit, num_workers=self.num_workers,
+                            seed=self.seed, amp=self.amp, thresholds=thresholds or ProbeThresholds(),
+                            data_options=data_options, progress=progress)
+
+
 
 def _version(value: bool) -> None:
     if value:
@@ -48,10 +126,9 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @app.command()
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file, or a sharded checkpoint folder.")],
-    json_out: Annotated[Optional[str], typer.Option("--json", metavar="PATH",
-                        help="Write the JSON report to PATH ('-' = stdout, and nothing else on stdout).")] = None,
+    json_out: JsonOpt = None,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Add per-channel arrays to the JSON.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")] = False,
+    quiet: QuietOpt = False,
     modality: Annotated[list[str], typer.Option("--modality", metavar="NAME=PREFIX",
                         help="Assign layers under PREFIX to modality NAME (repeatable); overrides auto-detection.")] = [],
     bn_eps: Annotated[Optional[float], typer.Option("--bn-eps", help="BatchNorm eps where the graph does not tell "
@@ -68,44 +145,23 @@ def inspect(
                          help="Collapsed filter: norm below this times the layer's median.")] = _DEFAULTS.collapsed_filter,
     assume_activation: Annotated[Optional[str], typer.Option("--assume-activation", metavar="ACT",
                                  help="Where what a BN feeds is unknown, assume ACT (e.g. relu).")] = None,
-    allow_global: Annotated[list[str], typer.Option("--allow-global", metavar="pkg.Class",
-                            help="Admit this pickle global as an inert placeholder (repeatable).")] = [],
-    unsafe: Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
-                      "in the file. Only for files you made yourself.")] = False,
+    allow_global: AllowGlobalOpt = [],
+    unsafe: UnsafeOpt = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the file's SHA-256 (reported as null).")] = False,
-    data: Annotated[Optional[str], typer.Option("--data", metavar="SPEC", help="Probe activations on this data: "
-                    "cremad:ROOT, vggsound:ROOT, ks:ROOT, ave:ROOT, avdigits:DIR, a bare name under $AVDIAG_DATA, "
-                    "a .npz/.safetensors tensor file, an image or wav folder, synthetic[:k=v,...], pkg.mod:factory.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", metavar="pkg.module:factory",
-                     help="Build the model with this factory (strict load) instead of the built-in registry.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
-    split: Annotated[str, typer.Option("--split", help="Dataset split to probe.")] = "train",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Probe at most this many samples "
-                     "(a seeded random subset).")] = None,
-    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample selection.")] = 0,
-    amp: Annotated[bool, typer.Option("--amp", help="Autocast on GPU.")] = False,
+    data: DataOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", split: SplitOpt = "train",
+    batch_size: BatchSizeOpt = 32, limit: LimitOpt = None, num_workers: WorkersOpt = 0, seed: SeedOpt = 0,
+    amp: AmpOpt = False,
     dead_rate: Annotated[float, typer.Option("--dead-rate", help="Measured dead: fires at <= this fraction "
                          "of positions.")] = ProbeThresholds().dead_rate,
     rare_rate: Annotated[float, typer.Option("--rare-rate", help="Rarely active: fires at <= this fraction.")]
         = ProbeThresholds().rare_rate,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Resize images (folders).")] = None,
-    mean: Annotated[Optional[str], typer.Option("--mean", metavar="R,G,B", help="Image normalisation mean.")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", metavar="R,G,B", help="Image normalisation std.")] = None,
-    sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="Expected wav sample rate.")] = None,
-    class_order: Annotated[Optional[str], typer.Option("--class-order", help="e.g. ogm or alphabetical (CREMA-D).")]
-        = None,
-    frames: Annotated[Optional[int], typer.Option("--frames", min=1, help="Visual frames per item.")] = None,
-    seconds: Annotated[Optional[float], typer.Option("--seconds", help="Audio duration (tile/crop).")] = None,
-    n_fft: Annotated[Optional[int], typer.Option("--n-fft", min=2, help="STFT size.")] = None,
-    hop: Annotated[Optional[int], typer.Option("--hop", min=1, help="STFT hop.")] = None,
-    resample: Annotated[bool, typer.Option("--resample", help="Resample wav files whose rate differs from the "
-                        "dataset's (as librosa.load(sr=...) does) instead of refusing them.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
+    class_order: ClassOrderOpt = None, frames: FramesOpt = None, seconds: SecondsOpt = None, n_fft: NFftOpt = None,
+    hop: HopOpt = None, resample: ResampleOpt = False,
+    debug: DebugOpt = False,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
-    from avdiag.inspection import ProbeOptions, inspect_checkpoint
+    from avdiag.inspection import inspect_checkpoint
     from avdiag.report.jsonout import write_json
     from avdiag.report.terminal import render_inspect
 
@@ -113,19 +169,9 @@ def inspect(
                             constant_scale=constant_scale, low_gain=low_gain, collapsed_filter=collapsed)
     if unsafe:
         _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
-    probe = None
-    if data is not None:
-        from avdiag.data import DataOptions
-
-        options = DataOptions(image_size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                              sample_rate=sample_rate, class_order=class_order, frames=frames, seconds=seconds,
-                              n_fft=n_fft, hop=hop, resample=resample)
-        probe = ProbeOptions(data=data, model=model, device=device, split=split, batch_size=batch_size,
-                             limit=limit, num_workers=num_workers, seed=seed, amp=amp,
-                             thresholds=ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate),
-                             data_options=options, progress=not quiet and sys.stderr.isatty())
-    elif model is not None:
-        raise UsageError("--model is used with --data (the model is only run to probe activations)")
+    probe = DataArgs(data, model, device, split, batch_size, limit, num_workers, seed, amp, image_size, mean, std,
+                     sample_rate, class_order, frames, seconds, n_fft, hop, resample).options(
+        ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate), progress=not quiet and sys.stderr.isatty())
     result = inspect_checkpoint(checkpoint, thresholds=thresholds, modality=list(modality), bn_eps=bn_eps,
                                 assume_activation=assume_activation, allow_globals=list(allow_global),
                                 unsafe=unsafe, hash_file=not no_hash, probe=probe)

@@ -137,8 +137,12 @@ class InspectResult:
     def summary_line(self) -> str:
         per = ", ".join(f"{m.name} {m.n_dead}/{m.n_bn_channels}" for m in self.modalities.values())
         nan = f"; {len(self.nonfinite_tensors)} tensor(s) with NaN/Inf" if self.nonfinite_tensors else ""
+        measured = ""
+        if self.probe:
+            n = sum(len(m.dead) for m in self.measured.values())
+            measured = f"; measured dead {n} on {self.probe.samples} samples"
         return (f"{self.n_dead} dead of {self.n_channels} BatchNorm channels in {len(self.layers)} layers"
-                f"{' (' + per + ')' if per else ''}{nan}")
+                f"{' (' + per + ')' if per else ''}{measured}{nan}")
 
     def to_dict(self, per_channel: bool = False) -> dict[str, Any]:
         return {
