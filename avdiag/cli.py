@@ -182,6 +182,96 @@ def inspect(
     return EXIT_OK
 
 
+@app.command()
+def reinit(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to rewrite (never modified without --in-place).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the patched checkpoint "
+                   "(same format as the input; a .safetensors name converts).")] = None,
+    method: Annotated[str, typer.Option("--method", help="abri, reset, relearn or recalibrate.")] = "abri",
+    mode: Annotated[str, typer.Option("--mode", help="abri: fold (drop-in checkpoint) or module "
+                    "(re-parametrisation with extra keys).")] = "fold",
+    alpha: Annotated[float, typer.Option("--alpha", help="abri: weight of the pretrained branch.")] = 0.5,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="abri module: one alpha per channel.")] = False,
+    scope: Annotated[str, typer.Option("--scope", help="flagged (channels), layers (holding flagged channels) "
+                     "or all (BN layers).")] = "flagged",
+    modality: Annotated[list[str], typer.Option("--modality", metavar="NAME|NAME=PREFIX",
+                        help="Restrict to modality NAME; NAME=PREFIX defines a modality as with inspect.")] = [],
+    stats: Annotated[Optional[str], typer.Option("--stats", help="abri fold running statistics: reset, blend or "
+                     "data [default: data with --data, else blend].")] = None,
+    variant: Annotated[str, typer.Option("--variant", help="reset: all (every BN) or tiny-gamma "
+                       "(channels with |gamma| < 1e-6).")] = "all",
+    lam: Annotated[float, typer.Option("--lam", help="relearn: alpha = tanh(lam * purity gap).")] = 3.0,
+    alpha_audio: Annotated[Optional[float], typer.Option("--alpha-audio", help="relearn: skip the diagnosis "
+                           "for audio.")] = None,
+    alpha_visual: Annotated[Optional[float], typer.Option("--alpha-visual", help="relearn: skip the diagnosis "
+                            "for visual.")] = None,
+    init_ckpt: Annotated[Optional[Path], typer.Option("--init-ckpt", help="relearn: the initial weights "
+                         "[default: the architecture's initialisation with --init-seed].")] = None,
+    init_seed: Annotated[int, typer.Option("--init-seed", help="relearn: seed of the generated initialisation.")]
+        = 0,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input (atomically).")] = False,
+    drop_optimizer: Annotated[bool, typer.Option("--drop-optimizer", help="Remove the (stale) optimizer state.")]
+        = False,
+    json_out: JsonOpt = None, quiet: QuietOpt = False,
+    data: DataOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", split: SplitOpt = "train",
+    batch_size: BatchSizeOpt = 32, limit: LimitOpt = None, num_workers: WorkersOpt = 0, seed: SeedOpt = 0,
+    image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
+    class_order: ClassOrderOpt = None, frames: FramesOpt = None, seconds: SecondsOpt = None, n_fft: NFftOpt = None,
+    hop: HopOpt = None, resample: ResampleOpt = False,
+    allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False, debug: DebugOpt = False,
+) -> int:
+    """Rewrite a checkpoint (ABRi, reset, re-learning, BN recalibration), verify it, report what changed."""
+    from avdiag.report.jsonout import write_json
+    from avdiag.report.rewrite_terminal import render_rewrite
+    from avdiag.rewrite.reinit import RewriteOptions, reinit_checkpoint
+
+    if out is None and not in_place:
+        raise UsageError("give --out PATH (or --in-place to overwrite the input)")
+    restrict = [m for m in modality if "=" not in m]
+    if len(restrict) > 1:
+        raise UsageError("--modality NAME restricts to one modality")
+    alphas = {k: v for k, v in (("audio", alpha_audio), ("visual", alpha_visual)) if v is not None}
+    source = DataArgs(data, model, device, split, batch_size, limit, num_workers, seed, False, image_size, mean, std,
+                      sample_rate, class_order, frames, seconds, n_fft, hop, resample).options()
+    options = RewriteOptions(method=method, mode=mode, alpha=alpha, per_channel=per_channel, scope=scope,
+                             modality=restrict[0] if restrict else None, stats=stats, variant=variant, lam=lam,
+                             alphas=alphas, init_ckpt=str(init_ckpt) if init_ckpt else None, seed=init_seed,
+                             data=source)
+    if unsafe:
+        _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
+    result = reinit_checkpoint(checkpoint, out or checkpoint, options,
+                               modality_prefixes=[m for m in modality if "=" in m] or None,
+                               allow_globals=tuple(allow_global), unsafe=unsafe, in_place=in_place,
+                               drop_optimizer=drop_optimizer)
+    for warning in result.warnings:
+        _stderr(f"avdiag: warning: {warning}")
+    if json_out is not None:
+        write_json(result.to_dict(), json_out)
+    if json_out != "-":
+        render_rewrite(result, _console(), quiet=quiet)
+    return EXIT_OK
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="The checkpoint before.")],
+    b: Annotated[Path, typer.Argument(help="The checkpoint after.")],
+    json_out: JsonOpt = None, quiet: QuietOpt = False,
+    allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False, debug: DebugOpt = False,
+) -> int:
+    """Compare two checkpoints: tensors added/removed/changed, channels that died or revived."""
+    from avdiag.measure.diff import diff_checkpoints
+    from avdiag.report.diff_terminal import render_diff
+    from avdiag.report.jsonout import write_json
+
+    result = diff_checkpoints(a, b, allow_globals=tuple(allow_global), unsafe=unsafe)
+    if json_out is not None:
+        write_json(result.to_dict(), json_out)
+    if json_out != "-":
+        render_diff(result, _console(), quiet=quiet)
+    return EXIT_OK
+
+
 def _console() -> Console:
     # Piped output gets a wide page instead of rich's 80 columns, so tables are not truncated.
     return Console(width=shutil.get_terminal_size((120, 40)).columns)

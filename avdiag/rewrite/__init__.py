@@ -1,0 +1,1 @@
+"""Rewrite: ABRi, resets, re-learning, BN recalibration."""
