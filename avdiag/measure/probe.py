@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from avdiag.locate import BNLayer
+from avdiag.measure.moments import RunningMoments
 from avdiag.locate.resolve import ResolvedModel
 
 
@@ -52,19 +53,13 @@ class ProbeRun:
 
 
 class _Accumulator:
-    """Per-layer running statistics on the device; nothing leaves it until `result()`.
-
-    Mean and variance merge per-batch (mean, centred sum of squares) pairs with Chan et al.'s
-    formula in float64, so a constant channel has variance exactly 0 whatever its value.
-    """
+    """Per-layer running statistics on the device; nothing leaves it until `result()`."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
+        self.moments = RunningMoments()
         self.fire: torch.Tensor | None = None
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
         self.peak: torch.Tensor | None = None
-        self.positions = 0
 
     @torch.no_grad()
     def add(self, out: torch.Tensor) -> None:
@@ -72,47 +67,25 @@ class _Accumulator:
         x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, C, positions)
         if x.dtype != torch.float32:
             x = x.float()
-        n_bc = x.shape[2]
-        n = x.shape[0] * n_bc
-        # Per-batch reductions stay in float32 / int32 over the last axis (float64 / int64 or
-        # (0, 2)-axis reductions, and var_mean, run several times slower on CPU).
+        # int32 counts and last-axis-first reductions: int64 / (0, 2)-axis ones run slower on CPU.
         fire = x.gt(self.threshold).sum(dim=2, dtype=torch.int32).sum(dim=0)
         peak = x.amax(dim=2).amax(dim=0)
-        mean, m2 = _moments(x)
         if self.fire is None:
-            self.fire, self.mean, self.m2, self.peak = fire.long(), mean, m2, peak
+            self.fire, self.peak = fire.long(), peak
         else:
-            total = self.positions + n
-            delta = mean - self.mean
-            self.mean += delta * (n / total)
-            self.m2 += m2 + delta.square() * (self.positions * n / total)
             self.fire += fire
             torch.maximum(self.peak, peak, out=self.peak)
-        self.positions += n
+        self.moments.add(x)
+
+    @property
+    def positions(self) -> int:
+        return self.moments.n
 
     def result(self) -> ChannelActivity:
         n = max(self.positions, 1)
-        std = (self.m2 / n).clamp_min(0).sqrt()
-        return ChannelActivity((self.fire.double() / n).cpu().numpy(), self.mean.cpu().numpy(), std.cpu().numpy(),
-                               self.peak.cpu().numpy().astype(np.float64), self.positions)
-
-
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and centred sum of squares of a (B, C, P) tensor, in float64.
-
-    Each (b, c) row is shifted by its first value before summing, so a constant channel gives
-    exactly zero variance and there is no cancellation when |mean| >> std; the rows are then merged
-    over the batch with Chan et al.'s formula.
-    """
-    p = x.shape[2]
-    shift = x[:, :, :1]
-    d = x - shift
-    sum_d = d.sum(dim=2).double()
-    sq = torch.linalg.vector_norm(d, dim=2).double().square()
-    mean_bc = shift[:, :, 0].double() + sum_d / p
-    m2_bc = (sq - sum_d.square() / p).clamp_min(0)
-    mean = mean_bc.mean(dim=0)
-    return mean, m2_bc.sum(dim=0) + p * (mean_bc - mean).square().sum(dim=0)
+        std = self.moments.variance.clamp_min(0).sqrt()
+        return ChannelActivity((self.fire.double() / n).cpu().numpy(), self.moments.mean.cpu().numpy(),
+                               std.cpu().numpy(), self.peak.cpu().numpy().astype(np.float64), self.positions)
 
 
 def activation_threshold(layer: BNLayer) -> float:

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from avdiag.measure.moments import RunningMoments
+
 __all__ = [
     "ABRiBatchNorm2d",
     "MergeReport",
@@ -317,56 +319,11 @@ class MergeReport:
                 "positions": dict(self.positions), "batches": self.batches, "unreached": list(self.unreached)}
 
 
-class _InputMoments:
-    """Exact per-channel mean and (population) variance of every input an ABRi layer sees.
-
-    Each (sample, channel) row is shifted by its first value and summed in float32 (no
-    cancellation when |mean| >> std, a constant channel gives variance exactly 0); the rows and the
-    batches are merged in float64 with Chan et al.'s pairwise formula.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        b, c = x.shape[0], x.shape[1]
-        x = x.reshape(b, c, -1)
-        p = x.shape[2]
-        if b == 0 or p == 0:
-            return
-        shift = x[:, :, :1]
-        d = x - shift
-        sum_d = d.sum(dim=2).double()
-        sq = torch.linalg.vector_norm(d, dim=2).double().square()
-        mean_bc = shift[:, :, 0].double() + sum_d / p
-        m2_bc = (sq - sum_d.square() / p).clamp_min(0)
-        mean = mean_bc.mean(dim=0)
-        m2 = m2_bc.sum(dim=0) + p * (mean_bc - mean).square().sum(dim=0)
-        n = b * p
-        if self.mean is None:
-            self.mean, self.m2 = mean, m2
-        else:
-            total = self.n + n
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (n / total)
-            self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n += n
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean, self.m2 / self.n
-
-
 def _collect_input_stats(model: nn.Module, layers: list[tuple[str, ABRiBatchNorm2d]], loader: Iterable,
-                         forward: Callable[[nn.Module, Any], Any]) -> tuple[dict[int, _InputMoments], int]:
+                         forward: Callable[[nn.Module, Any], Any]) -> tuple[dict[int, RunningMoments], int]:
     """Run ``forward(model, batch)`` over ``loader`` in eval mode without gradients, recording the
     input of every ABRi layer; every module's train/eval flag is restored afterwards."""
-    moments = {id(m): _InputMoments() for _, m in layers}
+    moments = {id(m): RunningMoments() for _, m in layers}
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_pre_hook(lambda _m, args, acc=moments[id(m)]: acc.add(args[0]))
                for _, m in layers]
@@ -453,7 +410,7 @@ def merge(model: nn.Module, loader: Iterable | None = None,
     if loader is None and forward is not None:
         raise ValueError("forward is given without a loader")
     layers = abri_modules(model)
-    moments: dict[int, _InputMoments] = {}
+    moments: dict[int, RunningMoments] = {}
     n_batches = 0
     if loader is not None:
         moments, n_batches = _collect_input_stats(model, layers, loader,
@@ -465,7 +422,7 @@ def merge(model: nn.Module, loader: Iterable | None = None,
         if not module.track_running_stats:
             source, stats = "batch", None
         elif acc is not None and acc.n > 0:
-            source, stats = "data", acc.result()
+            source, stats = "data", (acc.mean, acc.variance)
         else:
             source, stats = "pretrained", None
             if loader is not None:
