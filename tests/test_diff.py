@@ -24,6 +24,7 @@ from avdiag.measure import diff as diff_module
 from avdiag.measure.diff import compare_values, diff_checkpoints
 from avdiag.models import OGMGEClassifier
 from avdiag.report.diff_terminal import render_diff
+from layout_fixtures import realistic_bn
 
 DEAD_GAMMA, DEAD_BETA = 0.05, -0.5
 
@@ -48,18 +49,6 @@ EXPECTED_ADDED = ["fusion_module.extra_scale"]
 EXPECTED_REMOVED = ["visual_net.bn1.num_batches_tracked"]
 
 
-@torch.no_grad()
-def _realistic_bn(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, bn in sorted((n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)):
-        c = bn.num_features
-        bn.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
-        bn.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        bn.weight.copy_((1.0 + 0.1 * torch.randn(c, generator=gen)).clamp_min(0.5))
-        bn.bias.copy_(0.05 * torch.randn(c, generator=gen))
-        bn.num_batches_tracked.fill_(3150)
-
-
 def _set_channels(sd: dict[str, torch.Tensor], plan: dict[str, list[int]], gamma: float, beta: float) -> None:
     for layer, channels in plan.items():
         sd[layer + ".weight"][channels] = gamma
@@ -69,7 +58,7 @@ def _set_channels(sd: dict[str, torch.Tensor], plan: dict[str, list[int]], gamma
 def _state_a() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = OGMGEClassifier(6, width=8)
-    _realistic_bn(model, seed=0)
+    realistic_bn(model, seed=0)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _set_channels(sd, A_DEAD, DEAD_GAMMA, DEAD_BETA)
     sd["visual_net.layer4.0.conv1.weight"][NAN_AT] = float("nan")
