@@ -17,7 +17,6 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
-from torch import nn
 
 from avdiag.errors import UsageError
 from avdiag.measure import diff as diff_module
