@@ -110,9 +110,13 @@ class Provenance:
 
 def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], target: Path, *, provenance: Provenance,
                      drop: set[str] | frozenset[str] = frozenset(), drop_optimizer: bool = False,
-                     in_place: bool = False, fmt: str | None = None) -> list[str]:
+                     in_place: bool = False, fmt: str | None = None,
+                     verify: Callable[[Path], None] | None = None) -> list[str]:
     """Write ``ckpt`` to ``target`` with ``tensors`` (clean name -> new tensor) changed or added and ``drop``
     removed; every other tensor is copied unchanged. Returns warnings, one line each.
+
+    ``verify(path)`` runs on the finished temporary file before it replaces the target; if it raises,
+    the temporary file is removed and the target (the input, with ``in_place``) is left as it was.
 
     Raises UsageError for a target that is the input (without ``in_place``), a missing folder, a format
     the input cannot be written as, or names that do not fit the checkpoint.
@@ -127,10 +131,10 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], target:
     record = provenance.to_dict()
     if out_fmt == detect.SAFETENSORS:
         payload, metadata = _safetensors_payload(ckpt, tensors, drop, names, record, warnings)
-        _atomic_write_safetensors(target, payload, metadata)
+        _atomic_write_safetensors(target, payload, metadata, verify)
     else:
         obj = _torch_payload(ckpt, tensors, drop, names, record, drop_optimizer, warnings)
-        _atomic_write(target, _torch_writer(obj, legacy=out_fmt == detect.TORCH_LEGACY))
+        _atomic_write(target, _torch_writer(obj, legacy=out_fmt == detect.TORCH_LEGACY), verify)
     return warnings
 
 
@@ -393,7 +397,8 @@ def _safetensors_payload(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], dro
     return out, metadata
 
 
-def _atomic_write_safetensors(target: Path, payload: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _atomic_write_safetensors(target: Path, payload: dict[str, torch.Tensor], metadata: dict[str, str],
+                              verify: Callable[[Path], None] | None = None) -> None:
     """save_file writes through a temporary of its own (``.tmpXXXX`` beside its output, renamed onto it), so it
     writes into a private folder with the avdiag temporary name; that folder's file then replaces the target."""
     from safetensors.torch import save_file
@@ -402,6 +407,8 @@ def _atomic_write_safetensors(target: Path, payload: dict[str, torch.Tensor], me
     try:
         inner = folder / target.name
         _wrap_os_errors(target, lambda: save_file(payload, str(inner), metadata=metadata))
+        if verify is not None:
+            verify(inner)
         _wrap_os_errors(target, lambda: _finish(inner, target, fsync=True))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -410,13 +417,16 @@ def _atomic_write_safetensors(target: Path, payload: dict[str, torch.Tensor], me
 # -- atomic replacement ---------------------------------------------------------------------------------
 
 
-def _atomic_write(target: Path, write: Callable[[Path, BinaryIO], None]) -> None:
+def _atomic_write(target: Path, write: Callable[[Path, BinaryIO], None],
+                  verify: Callable[[Path], None] | None = None) -> None:
     tmp, fd = _make_temp_file(target)
     try:
         with os.fdopen(fd, "wb") as f:
             write(tmp, f)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         _wrap_os_errors(target, lambda: _finish(tmp, target, fsync=False))
     except BaseException as e:
         try:

@@ -87,7 +87,8 @@ def _channel_index(channels: Channels, n: int, device: torch.device) -> torch.Te
 
 def _alpha64(alpha: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """alpha as a float64 tensor of shape () or (n,)."""
-    a = torch.as_tensor(alpha).detach().to(device=device, dtype=torch.float64)
+    a = (alpha.detach() if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha), dtype=torch.float64))
+    a = a.to(device=device, dtype=torch.float64)
     if a.dim() == 0 or a.shape == (n,):
         return a
     if a.numel() == 1:

@@ -110,9 +110,21 @@ def reinit_checkpoint(path: str | Path, out: str | Path, options: RewriteOptions
                          f"{', modality ' + opts.modality if opts.modality else ''})")
     provenance = Provenance(opts.method, parameters, before.checkpoint.sha256, __version__)
     target = Path(out)
+    verification: dict[str, Any] = {}
+
+    def verify(written: Path) -> None:
+        # Runs on the temporary file before it replaces the target: a failed check leaves the target
+        # (and, with --in-place, the input) untouched.
+        try:
+            verification.update(_verify(ckpt, new, written, located, opts, allow_globals))
+        except VerificationError:
+            raise
+        except Exception as e:
+            raise VerificationError(f"{target}: verifying the written file failed ({type(e).__name__}: {e}); "
+                                    "nothing was written") from e
+
     warnings = write_checkpoint(ckpt, new, target, provenance=provenance, drop_optimizer=drop_optimizer,
-                                in_place=in_place, fmt=fmt)
-    verification = _verify(ckpt, new, target, located, opts, allow_globals)
+                                in_place=in_place, fmt=fmt, verify=verify)
     after = scan(load_checkpoint(target, allow_globals=allow_globals), locate(
         load_checkpoint(target, allow_globals=allow_globals), modality_overrides=located.layout.modalities
         if located.layout.source == "user" else None), thresholds, hash_file=False)
@@ -285,7 +297,10 @@ def _relearn(ckpt: Checkpoint, located: Located, o: RewriteOptions):
         raise UsageError("--method relearn needs a multimodal checkpoint (use --modality NAME=PREFIX)")
     diagnosis = {}
     alphas = dict(o.alphas)
-    missing = [m for m in prefixes if m not in alphas]
+    missing = [m for m in prefixes if m not in alphas and (not o.modality or m == o.modality)]
+    if missing and o.data is None:
+        raise UsageError(f"--method relearn needs --data to diagnose {', '.join(missing)} "
+                         f"(or --alpha-{missing[0]})")
     if missing:
         resolved = _resolved(ckpt, located, o, {})
         device = pick_device(o.data.device)
@@ -367,9 +382,8 @@ def _verify(ckpt: Checkpoint, new: dict[str, torch.Tensor], target: Path, locate
         if name not in written.tensors or not _same_bits(tensor, written.tensors.get(name)):
             problems.append(name)
     if problems:
-        target.unlink(missing_ok=True)
-        raise VerificationError(f"{target}: the written file differs from the intended rewrite at "
-                                f"{len(problems)} tensor(s), e.g. {problems[0]}; it was removed")
+        raise VerificationError(f"the written file differs from the intended rewrite at {len(problems)} "
+                                f"tensor(s), e.g. {problems[0]}; nothing was written")
     return {"reloaded": True, "identical": identical, "rewritten": len(new),
             "forward": _forward_check(written, located, o, target)}
 
@@ -395,9 +409,7 @@ def _forward_check(written: Checkpoint, located: Located, o: RewriteOptions, tar
         outputs = resolved(_synthetic_batch(resolved.inputs))
     tensors = [t for t in _flatten(outputs) if isinstance(t, torch.Tensor)]
     if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors):
-        target.unlink(missing_ok=True)
-        raise VerificationError(f"{target}: a forward pass of the rewritten model gives non-finite outputs; "
-                                "the file was removed")
+        raise VerificationError("a forward pass of the rewritten model gives non-finite outputs; nothing was written")
     return "finite"
 
 
@@ -410,7 +422,8 @@ def _module_mode_model(written: Checkpoint, located: Located, model_spec: str | 
     spec = spec_from_checkpoint(written.tensors, located.layout.name, located.layout.fusion)
     if spec is None or model_spec:
         raise ModelError("module-mode check needs a built-in architecture")
-    module = abri.convert(build(spec), include=lambda name: name in abri_layers)
+    per_channel = any(len(written.tensors.info(n + ".abri_alpha").shape) == 1 for n in abri_layers)
+    module = abri.convert(build(spec), per_channel=per_channel, include=lambda name: name in abri_layers)
     module.load_state_dict({n: written.tensors.get(n) for n in base}, strict=True)
     return ResolvedModel(module.eval(), f"registry:{spec.name}", spec.inputs, spec.visual_layout, spec)
 
