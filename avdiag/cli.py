@@ -6,6 +6,7 @@ Exit codes: 0 analysed; 2 unreadable, refused or usage error (one line on stderr
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import traceback
@@ -37,6 +38,8 @@ _DEFAULTS = Thresholds()
 JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH",
                     help="Write the JSON report to PATH ('-' = stdout, and nothing else on stdout).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary line.")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", metavar="PATH",
+                      help="Also write a self-contained report: PATH.html (plots embedded) or PATH.md.")]
 AllowGlobalOpt = Annotated[list[str], typer.Option("--allow-global", metavar="pkg.Class",
                            help="Admit this pickle global as an inert placeholder (repeatable).")]
 UnsafeOpt = Annotated[bool, typer.Option("--unsafe", help="DANGER: load with full pickle, which runs any code "
@@ -127,6 +130,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file, or a sharded checkpoint folder.")],
     json_out: JsonOpt = None,
+    report: ReportOpt = None,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Add per-channel arrays to the JSON.")] = False,
     quiet: QuietOpt = False,
     modality: Annotated[list[str], typer.Option("--modality", metavar="NAME=PREFIX",
@@ -177,6 +181,8 @@ def inspect(
                                 unsafe=unsafe, hash_file=not no_hash, probe=probe)
     if json_out is not None:
         write_json(result.to_dict(per_channel=per_channel), json_out)
+    if report is not None:
+        _write_report([result.to_dict(per_channel=True)], report)
     if json_out != "-":
         render_inspect(result, _console(), quiet=quiet)
     return EXIT_OK
@@ -212,7 +218,7 @@ def reinit(
     in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input (atomically).")] = False,
     drop_optimizer: Annotated[bool, typer.Option("--drop-optimizer", help="Remove the (stale) optimizer state.")]
         = False,
-    json_out: JsonOpt = None, quiet: QuietOpt = False,
+    json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False,
     data: DataOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", split: SplitOpt = "train",
     batch_size: BatchSizeOpt = 32, limit: LimitOpt = None, num_workers: WorkersOpt = 0, seed: SeedOpt = 0,
     image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
@@ -247,6 +253,8 @@ def reinit(
         _stderr(f"avdiag: warning: {warning}")
     if json_out is not None:
         write_json(result.to_dict(), json_out)
+    if report is not None:
+        _write_report([result.to_dict()], report)
     if json_out != "-":
         render_rewrite(result, _console(), quiet=quiet)
     return EXIT_OK
@@ -256,7 +264,7 @@ def reinit(
 def diff(
     a: Annotated[Path, typer.Argument(help="The checkpoint before.")],
     b: Annotated[Path, typer.Argument(help="The checkpoint after.")],
-    json_out: JsonOpt = None, quiet: QuietOpt = False,
+    json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False,
     allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False, debug: DebugOpt = False,
 ) -> int:
     """Compare two checkpoints: tensors added/removed/changed, channels that died or revived."""
@@ -267,9 +275,38 @@ def diff(
     result = diff_checkpoints(a, b, allow_globals=tuple(allow_global), unsafe=unsafe)
     if json_out is not None:
         write_json(result.to_dict(), json_out)
+    if report is not None:
+        _write_report([result.to_dict()], report)
     if json_out != "-":
         render_diff(result, _console(), quiet=quiet)
     return EXIT_OK
+
+
+
+@app.command("report")
+def report_cmd(
+    results: Annotated[list[Path], typer.Argument(help="JSON results of avdiag commands (--json output).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="report.html (self-contained, plots embedded) "
+                      "or report.md (for pull-request comments).")],
+    title: Annotated[Optional[str], typer.Option("--title")] = None,
+    debug: DebugOpt = False,
+) -> int:
+    """Render one HTML or Markdown report from the JSON results of other commands."""
+    dicts = []
+    for path in results:
+        try:
+            dicts.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: not a readable JSON result ({e})") from e
+    _write_report(dicts, output, title)
+    print(f"wrote {output}")
+    return EXIT_OK
+
+
+def _write_report(results: list[dict], path: Path, title: str | None = None) -> None:
+    from avdiag.report.html import write_report
+
+    write_report(results, path, title=title)
 
 
 def _console() -> Console:
