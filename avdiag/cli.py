@@ -6,7 +6,6 @@ Exit codes: 0 analysed; 2 unreadable, refused or usage error (one line on stderr
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import traceback
@@ -289,16 +288,14 @@ def report_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="report.html (self-contained, plots embedded) "
                       "or report.md (for pull-request comments).")],
     title: Annotated[Optional[str], typer.Option("--title")] = None,
+    images: Annotated[bool, typer.Option("--images", help="Markdown: write the plots as PNGs beside the report.")]
+        = False,
     debug: DebugOpt = False,
 ) -> int:
     """Render one HTML or Markdown report from the JSON results of other commands."""
-    dicts = []
-    for path in results:
-        try:
-            dicts.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"{path}: not a readable JSON result ({e})") from e
-    _write_report(dicts, output, title)
+    from avdiag.report.html import load_results, write_report
+
+    write_report(load_results(results), output, title=title, images=images)
     print(f"wrote {output}")
     return EXIT_OK
 
