@@ -281,6 +281,33 @@ def diff(
     return EXIT_OK
 
 
+@app.command()
+def check(
+    paths: Annotated[list[str], typer.Argument(help="Checkpoints, folders (searched recursively) or globs.")],
+    policy: Annotated[Optional[Path], typer.Option("--policy", metavar="PATH", help="avdiag.toml ([check]) or "
+                      "pyproject.toml ([tool.avdiag.check]) [default: found in the current folder].")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="OLD", help="Fail when dead channels "
+                        "grew versus OLD (a checkpoint, or a folder of same-named ones).")] = None,
+    json_out: JsonOpt = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="JUnit XML: one testcase per "
+                     "file and rule.")] = None,
+    sarif: Annotated[Optional[Path], typer.Option("--sarif", metavar="PATH", help="SARIF 2.1.0 log.")] = None,
+    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="error or warning.")] = None,
+    on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed",
+                                   help="error, violation or pass.")] = None,
+    quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [], debug: DebugOpt = False,
+) -> int:
+    """Check checkpoints against a policy (CI gate). Exit 0 pass, 1 policy violations, 2 errors."""
+    from avdiag.check import Policy, check_paths
+    from avdiag.report.ci import write_reports
+
+    rules = Policy.load(policy).with_overrides(fail_on=fail_on, on_nothing_analysed=on_nothing_analysed)
+    result = check_paths(paths, rules, baseline=baseline, allow_globals=tuple(allow_global),
+                         progress=not quiet and json_out != "-" and sys.stderr.isatty())
+    write_reports(result, console=_console(), json_out=json_out, junit_out=junit, sarif_out=sarif, quiet=quiet)
+    return result.exit_code
+
+
 
 @app.command("report")
 def report_cmd(

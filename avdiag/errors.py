@@ -21,6 +21,10 @@ class UnreadableCheckpointError(AvdiagError):
     """The file is missing, truncated, corrupt, or not a checkpoint format avdiag reads."""
 
 
+class LfsPointerError(UnreadableCheckpointError):
+    """A Git LFS pointer file stands where the weights should be."""
+
+
 class UnsafeCheckpointError(AvdiagError):
     """The pickle references globals outside the weights-only allow-list."""
 

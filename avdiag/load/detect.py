@@ -7,7 +7,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from avdiag.errors import UnreadableCheckpointError
+from avdiag.errors import LfsPointerError, UnreadableCheckpointError
 
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
@@ -41,7 +41,7 @@ def detect_format(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(LFS_MAGIC):
-        raise UnreadableCheckpointError(
+        raise LfsPointerError(
             f"{path}: a Git LFS pointer, not the weights (run `git lfs pull` to fetch them)"
         )
     if head.startswith(ZIP_MAGICS):
@@ -51,9 +51,9 @@ def detect_format(path: Path) -> str:
     if _looks_like_safetensors(path, head, size):
         return SAFETENSORS
     if head[:1] == bytes([PICKLE_PROTO]):
-        from avdiag.load.pickle_safety import describe_raw_pickle
+        from avdiag.load.pickle_safety import refuse_raw_pickle
 
-        raise UnreadableCheckpointError(describe_raw_pickle(path))
+        raise refuse_raw_pickle(path)
     raise UnreadableCheckpointError(
         f"{path}: not a checkpoint format avdiag reads (first bytes {head[:8].hex()})"
     )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import _weights_only_unpickler as wo_unpickler
 
-from avdiag.errors import UnreadableCheckpointError, UnsafeCheckpointError
+from avdiag.errors import AvdiagError, UnreadableCheckpointError, UnsafeCheckpointError
 
 # Research checkpoints store numpy scalars (accuracies) and arrays next to the weights. These globals
 # only rebuild data, so they are admitted by default; the names cover numpy 1.x and 2.x pickles.
@@ -209,15 +209,18 @@ def scan_globals(stream: Any, n_pickles: int = 1) -> set[str]:
     return found
 
 
-def describe_raw_pickle(path: Path) -> str:
-    """The error line for a plain pickle (not written by torch.save)."""
+def refuse_raw_pickle(path: Path) -> AvdiagError:
+    """The error for a plain pickle (not written by torch.save): unsafe when it names globals outside
+    the weights-only allow-list, else unreadable as a checkpoint."""
     try:
         with open(path, "rb") as f:
             names = sorted(scan_globals(f) - _allowed_names())
     except Exception:
         names = []
-    detail = f"; it references {', '.join(names)}" if names else ""
-    return f"{path}: a plain pickle, not a torch checkpoint: refused{detail}"
+    message = f"{path}: a plain pickle, not a torch checkpoint: refused"
+    if names:
+        return UnsafeCheckpointError(f"{message}; it references {', '.join(names)}", names)
+    return UnreadableCheckpointError(message)
 
 
 def _refusal(path: Path | io.BytesIO, names: list[str]) -> UnsafeCheckpointError:
