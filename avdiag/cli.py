@@ -292,6 +292,7 @@ def check(
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="JUnit XML: one testcase per "
                      "file and rule.")] = None,
     sarif: Annotated[Optional[Path], typer.Option("--sarif", metavar="PATH", help="SARIF 2.1.0 log.")] = None,
+    report: ReportOpt = None,
     fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="error or warning.")] = None,
     on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed",
                                    help="error, violation or pass.")] = None,
@@ -305,6 +306,8 @@ def check(
     result = check_paths(paths, rules, baseline=baseline, allow_globals=tuple(allow_global),
                          progress=not quiet and json_out != "-" and sys.stderr.isatty())
     write_reports(result, console=_console(), json_out=json_out, junit_out=junit, sarif_out=sarif, quiet=quiet)
+    if report is not None:
+        _write_report([result.to_dict()], report)
     return result.exit_code
 
 
