@@ -215,3 +215,21 @@ def write_odd_mlp(path: Path) -> Path:
     torch.manual_seed(0)
     torch.save({"net": OddMLP().state_dict()}, path)
     return path
+
+
+class AudioOnly(torch.nn.Module):
+    """A one-input model whose argument names its modality: fed the audio of two-modality data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        assert audio.dim() == 3, "expected the (B, F, T) spectrogram, not an image"
+        return torch.relu(self.bn(self.conv(audio.unsqueeze(1))))
+
+
+def audio_only() -> AudioOnly:
+    torch.manual_seed(0)
+    return AudioOnly().eval()

@@ -642,3 +642,14 @@ def test_graph_formats_probe_like_the_eager_model(kind, tmp_path):
     layer = result.measured["layer1.0.bn1"]
     assert {1, 5} <= set(layer.dead) and 2 not in layer.dead
     assert {1, 2, 5} <= set(layer.constant)
+
+
+def test_one_input_model_gets_the_modality_its_argument_names(tmp_path):
+    from probe_fixtures import audio_only
+
+    path = tmp_path / "audio_only.pt"
+    torch.save(audio_only().state_dict(), path)
+    opts = ProbeOptions(data="synthetic:n=8,classes=2", model="probe_fixtures:audio_only", device="cpu", batch_size=4)
+    result = inspect_checkpoint(path, probe=opts)
+    assert result.probe.samples == 8
+    assert result.measured["bn"].activity.positions > 0

@@ -37,7 +37,10 @@ class ResolvedModel:
     static_batch: int | None = None  # exported programs traced with a fixed batch size
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
-        args = [adapt_input(batch, name, self.visual_layout) for name in self.inputs]
+        names = self.inputs
+        if len(names) == 1 and names[0] not in batch:
+            names = ("image",)  # a one-input model on data without that modality: feed the one it has
+        args = [adapt_input(batch, name, self.visual_layout) for name in names]
         if self.static_batch is None or args[0].shape[0] == self.static_batch:
             return self.module(*args)
         n, step = args[0].shape[0], self.static_batch
@@ -116,16 +119,22 @@ def _forward_inputs(forward: Any) -> tuple[str, ...]:
     params = [p for p in pyinspect.signature(forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if len(params) == 1:
-        return ("image",)
+        # A single argument named for a modality gets that modality as the data holds it; any other
+        # name means a plain 2-D CNN fed the batch's only modality ("image").
+        return (_modality_of(params[0].name) or "image",)
     names = []
     for p in params:
-        tokens = set(p.name.lower().split("_"))
-        match = [m for m, words in MODALITY_WORDS.items() if tokens & words]
-        if not match:
+        match = _modality_of(p.name)
+        if match is None:
             raise ModelError(f"cannot tell which modality forward() argument {p.name!r} takes; "
                              "name it audio/visual (or spec/image/video ...)")
-        names.append(match[0])
+        names.append(match)
     return tuple(names)
+
+
+def _modality_of(name: str) -> str | None:
+    tokens = set(name.lower().split("_"))
+    return next((m for m, words in MODALITY_WORDS.items() if tokens & words), None)
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
