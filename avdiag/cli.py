@@ -66,6 +66,9 @@ FramesOpt = Annotated[Optional[int], typer.Option("--frames", min=1, help="Visua
 SecondsOpt = Annotated[Optional[float], typer.Option("--seconds", help="Audio duration (tile/crop).")]
 NFftOpt = Annotated[Optional[int], typer.Option("--n-fft", min=2, help="STFT size.")]
 HopOpt = Annotated[Optional[int], typer.Option("--hop", min=1, help="STFT hop.")]
+VisualLayoutOpt = Annotated[Optional[str], typer.Option("--visual-layout", help="BCTHW or BTCHW: how a --model "
+                          "factory wants clips, (B,3,T,H,W) or (B,T,3,H,W) [default: its visual_layout attribute, "
+                          "else BCTHW].")]
 ResampleOpt = Annotated[bool, typer.Option("--resample", help="Resample wav files whose rate differs from the "
                         "dataset's (as librosa.load(sr=...) does) instead of refusing them.")]
 
@@ -93,6 +96,7 @@ class DataArgs:
     n_fft: int | None
     hop: int | None
     resample: bool
+    visual_layout: str | None = None
 
     def options(self, thresholds: ProbeThresholds | None = None, progress: bool = False):
         from avdiag.data import DataOptions
@@ -102,6 +106,9 @@ class DataArgs:
             if self.model is not None:
                 raise UsageError("--model is used with --data (the model is only run on data)")
             return None
+        if self.visual_layout is not None and (self.model is None or self.visual_layout not in ("BCTHW", "BTCHW")):
+            raise UsageError("--visual-layout is BCTHW or BTCHW, for a --model factory (built-in models take "
+                             "(B,3,T,H,W))")
         data_options = DataOptions(image_size=self.image_size, mean=_floats(self.mean, "--mean"),
                                    std=_floats(self.std, "--std"), sample_rate=self.sample_rate,
                                    class_order=self.class_order, frames=self.frames, seconds=self.seconds,
@@ -109,7 +116,7 @@ class DataArgs:
         return ProbeOptions(data=self.data, model=self.model, device=self.device, split=self.split,
                             batch_size=self.batch_size, limit=self.limit, num_workers=self.num_workers,
                             seed=self.seed, amp=self.amp, thresholds=thresholds or ProbeThresholds(),
-                            data_options=data_options, progress=progress)
+                            data_options=data_options, progress=progress, visual_layout=self.visual_layout)
 
 
 
@@ -160,7 +167,7 @@ def inspect(
         = ProbeThresholds().rare_rate,
     image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
     class_order: ClassOrderOpt = None, frames: FramesOpt = None, seconds: SecondsOpt = None, n_fft: NFftOpt = None,
-    hop: HopOpt = None, resample: ResampleOpt = False,
+    hop: HopOpt = None, resample: ResampleOpt = False, visual_layout: VisualLayoutOpt = None,
     debug: DebugOpt = False,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
@@ -173,7 +180,7 @@ def inspect(
     if unsafe:
         _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
     probe = DataArgs(data, model, device, split, batch_size, limit, num_workers, seed, amp, image_size, mean, std,
-                     sample_rate, class_order, frames, seconds, n_fft, hop, resample).options(
+                     sample_rate, class_order, frames, seconds, n_fft, hop, resample, visual_layout).options(
         ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate), progress=not quiet and sys.stderr.isatty())
     result = inspect_checkpoint(checkpoint, thresholds=thresholds, modality=list(modality), bn_eps=bn_eps,
                                 assume_activation=assume_activation, allow_globals=list(allow_global),

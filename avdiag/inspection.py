@@ -82,6 +82,7 @@ class ProbeOptions:
 
     data: Any  # a data spec string (see avdiag.data.open_dataset) or an AVDataset
     model: str | None = None  # package.module:factory; None = resolve from the checkpoint
+    visual_layout: str | None = None  # BCTHW / BTCHW clips for a --model factory (default: its attribute)
     device: str = "auto"  # auto / cpu / cuda[:N]
     split: str = "train"
     batch_size: int = 32
@@ -256,6 +257,8 @@ def _run_probe(result: InspectResult, ckpt: Checkpoint, located: Located, opts: 
     from avdiag.report.progress import progress_bar
 
     resolved = resolve_model(ckpt, located.layout, opts.model)
+    if opts.visual_layout:
+        resolved.visual_layout = opts.visual_layout
     dataset = opts.data if not isinstance(opts.data, str) else open_dataset(
         opts.data, split=opts.split, options=opts.data_options or DataOptions())
     loader = make_loader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,

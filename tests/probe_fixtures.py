@@ -233,3 +233,22 @@ class AudioOnly(torch.nn.Module):
 def audio_only() -> AudioOnly:
     torch.manual_seed(0)
     return AudioOnly().eval()
+
+
+class ClipsTimeFirst(torch.nn.Module):
+    """A two-input model that wants clips as (B, T, 3, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = visual.shape
+        assert c == 3, "clips must be (B, T, 3, H, W)"
+        return self.bn(self.conv(visual.reshape(b * t, c, h, w)))
+
+
+def clips_time_first() -> ClipsTimeFirst:
+    torch.manual_seed(0)
+    return ClipsTimeFirst().eval()

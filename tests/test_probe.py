@@ -653,3 +653,17 @@ def test_one_input_model_gets_the_modality_its_argument_names(tmp_path):
     result = inspect_checkpoint(path, probe=opts)
     assert result.probe.samples == 8
     assert result.measured["bn"].activity.positions > 0
+
+
+def test_visual_layout_feeds_time_first_clips(tmp_path, capsys):
+    from probe_fixtures import clips_time_first
+
+    path = tmp_path / "btchw.pt"
+    torch.save(clips_time_first().state_dict(), path)
+    base = ["inspect", str(path), "--data", "synthetic:n=4,classes=2", "--model", "probe_fixtures:clips_time_first",
+            "--device", "cpu", "-q"]
+    assert main(base + ["--visual-layout", "BTCHW"]) == 0
+    capsys.readouterr()
+    code = main(base)  # fed (B, 3, T, H, W): the model's own error, as one line
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "failed on a batch" in err and "Traceback" not in err

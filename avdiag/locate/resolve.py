@@ -41,6 +41,16 @@ class ResolvedModel:
         if len(names) == 1 and names[0] not in batch:
             names = ("image",)  # a one-input model on data without that modality: feed the one it has
         args = [adapt_input(batch, name, self.visual_layout) for name in names]
+        try:
+            return self._forward(args)
+        except AvdiagError:
+            raise
+        except Exception as e:  # the user's model rejecting the data is an input problem, said in one line
+            shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, args))
+            raise ModelError(f"the model ({self.source}) failed on a batch of {shapes}: {type(e).__name__}: "
+                             f"{str(e).strip() or 'no message'} (check --model / --visual-layout)") from e
+
+    def _forward(self, args: list[torch.Tensor]) -> Any:
         if self.static_batch is None or args[0].shape[0] == self.static_batch:
             return self.module(*args)
         n, step = args[0].shape[0], self.static_batch
