@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import warnings
+import textwrap
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -557,3 +558,65 @@ def test_usage_errors(argv: list[str], tmp_path: Path, capsys) -> None:
     out, err = capsys.readouterr()
     assert code == 2, f"exit {code} for {argv}; stderr={err!r}"
     assert_one_error_line(err)
+
+
+# --- payloads that torch's own loaders would run -------------------------------------------------
+
+def test_pt2_with_a_headerless_pickle_record_is_refused(tmp_path: Path, capsys) -> None:
+    """torch.export.load unpickles a legacy data/weights/<model>.pt record and retries failures with
+    full pickle; a protocol-0 pickle has no 0x80 header byte. avdiag refuses the archive (and never
+    rebuilds the program), so --data cannot run it either."""
+    from malicious import benign_pt2_bytes
+
+    sentinel = tmp_path / "SENTINEL"
+    src = tmp_path / "clean.pt2"
+    src.write_bytes(benign_pt2_bytes())
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(evil, "w") as zout:
+        names = zin.namelist()
+        root = next(n for n in names if n.endswith("models/model.json"))[: -len("models/model.json")]
+        for n in names:
+            zout.writestr(zin.getinfo(n), zin.read(n))
+        zout.writestr(root + "data/weights/model.pt", f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode())
+    for extra in ([], ["--data", "synthetic:n=4"]):
+        code = run_cli(["inspect", str(evil), *extra])
+        _, err = capsys.readouterr()
+        assert code == 2 and "system" in assert_one_error_line(err)
+        assert not sentinel.exists()
+
+
+def test_torchscript_with_setstate_is_refused(tmp_path: Path, capsys) -> None:
+    """torch.jit.load runs an archive's TorchScript __setstate__, which can write files."""
+    victim = tmp_path / "victim.txt"
+    path = tmp_path / "setstate.pt"
+    maker = tmp_path / "make_setstate.py"
+    maker.write_text(textwrap.dedent(f"""
+        from typing import Tuple
+        import torch
+
+        class Setstate(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.ones(2))
+
+            def forward(self, x):
+                return x * self.w
+
+            @torch.jit.export
+            def __getstate__(self) -> Tuple[bool, torch.Tensor]:
+                return (self.training, self.w)
+
+            @torch.jit.export
+            def __setstate__(self, state: Tuple[bool, torch.Tensor]) -> None:
+                self.training = state[0]
+                self.w = state[1]
+                torch.from_file({str(victim)!r}, True, 5, dtype=torch.uint8).fill_(88)
+
+        torch.jit.script(Setstate()).save({str(path)!r})
+    """))
+    subprocess.run([sys.executable, str(maker)], check=True, capture_output=True, env=subprocess_env())
+    victim.write_text("hello world!")
+    code = run_cli(["inspect", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "__setstate__" in assert_one_error_line(err)
+    assert victim.read_text() == "hello world!"

@@ -77,7 +77,7 @@ def _read(path: Path, fmt: str, allow: list[str], unsafe: bool) -> readers.RawCh
     if fmt == detect.SHARDED:
         return readers.read_sharded(path, allow, unsafe)
     if fmt == detect.TORCHSCRIPT:
-        return readers.read_torchscript(path)
+        return readers.read_torchscript(path, unsafe)
     if fmt == detect.TORCH_EXPORT:
         return readers.read_torch_export(path, allow, unsafe)
     raise UnreadableCheckpointError(f"{path}: unsupported format {fmt}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from avdiag.errors import UnreadableCheckpointError
+from avdiag.errors import UnreadableCheckpointError, UnsafeCheckpointError
 from avdiag.load import detect
 from avdiag.load.pickle_safety import NamedBytes, load_torch_pickle, read_zip_record, refuse_unsafe_bytes
 from avdiag.load.store import TensorInfo, TensorStore
@@ -105,9 +105,12 @@ def read_sharded(path: Path, allow: list[str], unsafe: bool) -> RawCheckpoint:
     return RawCheckpoint(store, [Unwrapped("key", f"{index.name} ({len(by_shard)} shards)")], files=files)
 
 
-def read_torchscript(path: Path) -> RawCheckpoint:
-    # TorchScript archives are read by torch's C++ loader, which rebuilds only TorchScript types and
-    # never calls into Python pickle, so no code of the file's author runs while loading.
+def read_torchscript(path: Path, unsafe: bool = False) -> RawCheckpoint:
+    # torch's C++ loader rebuilds only TorchScript types and never calls Python pickle, but it does run
+    # the archive's own TorchScript __setstate__ methods while loading, and TorchScript can touch files
+    # (torch.from_file): archives that define one are refused unless --unsafe.
+    if not unsafe:
+        _refuse_torchscript_setstate(path)
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
@@ -115,6 +118,19 @@ def read_torchscript(path: Path) -> RawCheckpoint:
     tensors = dict(module.state_dict())
     return RawCheckpoint(TensorStore.from_mapping(tensors), [Unwrapped("module", "TorchScript")],
                          files=[path], graph=module)
+
+
+def _refuse_torchscript_setstate(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if "/code/" in name and name.endswith(".py") and b"__setstate__" in read_zip_record(zf, name):
+                    raise UnsafeCheckpointError(
+                        f"{path}: refused: the TorchScript archive defines __setstate__ ({name.split('/code/', 1)[1]}), "
+                        "code that runs while loading (load with --unsafe only if you trust the file)",
+                        ["__setstate__"])
+    except zipfile.BadZipFile as e:
+        raise UnreadableCheckpointError(f"{path}: damaged TorchScript archive ({_short(e)})") from e
 
 
 def read_torch_export(path: Path, allow: list[str], unsafe: bool) -> RawCheckpoint:
@@ -137,24 +153,32 @@ def read_torch_export(path: Path, allow: list[str], unsafe: bool) -> RawCheckpoi
 
 def _refuse_unsafe_pt2_records(zf: zipfile.ZipFile, names: list[str], root: str, weights: dict,
                                path: Path, allow: list[str]) -> None:
-    """avdiag reads only the weights, but torch.export.load would unpickle the rest (constants, custom
-    objects) unchecked: a payload anywhere in the archive is refused."""
-    raw = {f"{root}data/weights/{e.get('path_name')}" for e in weights.values()
-           if isinstance(e, dict) and not e.get("use_pickle")}
+    """avdiag reads only the weights, but torch.export.load would unpickle the rest (pickled weights,
+    constants, custom objects, legacy weight files) and retry failures with full pickle: every record
+    under data/ that its config does not declare raw bytes must be a pickle naming allow-listed
+    globals only, whatever its first byte."""
+    constants = _pt2_json(zf, names, "data/constants/model_constants_config.json", path, required=False)
+    raw = {f"{root}data/{kind}/{e.get('path_name')}" for kind, config in
+           (("weights", weights), ("constants", constants.get("config", {}) if isinstance(constants, dict) else {}))
+           for e in (config.values() if isinstance(config, dict) else []) if isinstance(e, dict) and not e.get("use_pickle")}
     for name in names:
-        if not name.startswith(root + "data/") or name.endswith(".json") or name in raw:
+        if not name.startswith(root + "data/") or name.endswith(".json") or name.endswith("/") or name in raw:
             continue
-        data = read_zip_record(zf, name)
-        if data[:1] == b"\x80" or data.startswith(detect.ZIP_MAGICS):
-            try:
-                refuse_unsafe_bytes(data, f"{path}:{name[len(root):]}", allow)
-            except UnreadableCheckpointError:
-                pass  # not a pickle after all: nothing that torch would execute
+        label = f"{path}:{name[len(root):]}"
+        try:
+            refuse_unsafe_bytes(read_zip_record(zf, name), label, allow)
+        except (UnsafeCheckpointError, UnreadableCheckpointError):
+            raise
+        except Exception as e:
+            raise UnreadableCheckpointError(f"{label}: a record that is neither declared raw data nor a "
+                                            f"readable pickle: refused ({_short(e)})") from e
 
 
-def _pt2_json(zf: zipfile.ZipFile, names: list[str], suffix: str, path: Path) -> dict:
+def _pt2_json(zf: zipfile.ZipFile, names: list[str], suffix: str, path: Path, required: bool = True) -> dict:
     match = [n for n in names if n.endswith(suffix)]
     if not match:
+        if not required:
+            return {}
         raise UnreadableCheckpointError(f"{path}: .pt2 archive without {suffix}")
     try:
         data = json.loads(read_zip_record(zf, match[0]))

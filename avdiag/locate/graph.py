@@ -39,7 +39,10 @@ def normalise_op(target: str) -> str:
 def graph_facts(kind: str, graph: Any) -> dict[str, GraphFact]:
     """BN module name -> GraphFact, for a torch-export program dict or a TorchScript module."""
     if kind == "torch-export":
-        return _export_facts(graph)
+        try:
+            return _export_facts(graph)
+        except (AttributeError, TypeError, KeyError, ValueError):
+            return {}  # a malformed graph tells nothing: the architecture rules take over
     if kind == "torchscript":
         return _torchscript_facts(graph)
     return {}
