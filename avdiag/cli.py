@@ -186,7 +186,7 @@ def inspect(
                                 assume_activation=assume_activation, allow_globals=list(allow_global),
                                 unsafe=unsafe, hash_file=not no_hash, probe=probe)
     if json_out is not None:
-        write_json(result.to_dict(per_channel=per_channel), json_out)
+        write_json(result.to_dict(per_channel=per_channel), json_out, protect=(checkpoint,))
     if report is not None:
         _write_report([result.to_dict(per_channel=True)], report)
     if json_out != "-":
@@ -258,7 +258,7 @@ def reinit(
     for warning in result.warnings:
         _stderr(f"avdiag: warning: {warning}")
     if json_out is not None:
-        write_json(result.to_dict(), json_out)
+        write_json(result.to_dict(), json_out, protect=(checkpoint, result.target))
     if report is not None:
         _write_report([result.to_dict()], report)
     if json_out != "-":
@@ -271,6 +271,8 @@ def diff(
     a: Annotated[Path, typer.Argument(help="The checkpoint before.")],
     b: Annotated[Path, typer.Argument(help="The checkpoint after.")],
     json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False,
+    atol: Annotated[float, typer.Option("--atol", help="Values within this absolute difference count as "
+                    "unchanged [default: 0, bitwise].")] = 0.0,
     allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False, debug: DebugOpt = False,
 ) -> int:
     """Compare two checkpoints: tensors added/removed/changed, channels that died or revived."""
@@ -278,9 +280,11 @@ def diff(
     from avdiag.report.diff_terminal import render_diff
     from avdiag.report.jsonout import write_json
 
-    result = diff_checkpoints(a, b, allow_globals=tuple(allow_global), unsafe=unsafe)
+    if unsafe:
+        _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
+    result = diff_checkpoints(a, b, allow_globals=tuple(allow_global), unsafe=unsafe, atol=atol)
     if json_out is not None:
-        write_json(result.to_dict(), json_out)
+        write_json(result.to_dict(), json_out, protect=(a, b))
     if report is not None:
         _write_report([result.to_dict()], report)
     if json_out != "-":

@@ -34,7 +34,10 @@ _NUMPY_DATA_GLOBALS: list[tuple[Any, str]] = []
 def _numpy_data_globals() -> list[tuple[Any, str]]:
     if _NUMPY_DATA_GLOBALS:
         return _NUMPY_DATA_GLOBALS
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
 
     items: list[tuple[Any, str]] = [(np.dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray")]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):

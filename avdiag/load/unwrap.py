@@ -47,16 +47,17 @@ def _descend(obj: Any, steps: list[Unwrapped], depth: int) -> Mapping | None:
         return obj.state_dict()
     if not isinstance(obj, Mapping) or depth > _MAX_DEPTH:
         return None
-    if _is_tensor_mapping(obj):
-        return obj
     lightning = depth == 0 and "pytorch-lightning_version" in obj
+    # A known key holding a mapping of tensors wins over tensors lying next to it (e.g. a best_acc).
     for key in STATE_DICT_KEYS:
-        if key in obj:
+        if key in obj and isinstance(obj[key], Mapping) and _count_tensors(obj[key]) > 0:
             steps.append(Unwrapped("lightning" if lightning and key == "state_dict" else "key", key))
             found = _descend(obj[key], steps, depth + 1)
             if found is not None:
                 return found
             steps.pop()
+    if _is_tensor_mapping(obj):
+        return obj
     best = max(
         (k for k in obj if isinstance(obj[k], Mapping)),
         key=lambda k: _count_tensors(obj[k]),

@@ -129,9 +129,9 @@ def _forward_inputs(forward: Any) -> tuple[str, ...]:
     params = [p for p in pyinspect.signature(forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if len(params) == 1:
-        # A single argument named for a modality gets that modality as the data holds it; any other
-        # name means a plain 2-D CNN fed the batch's only modality ("image").
-        return (_modality_of(params[0].name) or "image",)
+        # A single argument named for audio gets the spectrogram as the data holds it; any other name
+        # means a 2-D CNN fed the batch's visual frames (folded into the batch) or its only modality.
+        return ("audio",) if _modality_of(params[0].name) == "audio" else ("image",)
     names = []
     for p in params:
         match = _modality_of(p.name)

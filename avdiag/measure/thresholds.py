@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 # |gamma| and |beta| both below this make an "abnormal affine pair" (Feng et al. 2023). The paper's
@@ -16,6 +17,13 @@ class Thresholds:
     constant_scale: float = 1e-3  # constant channel: effective scale s below this
     low_gain: float = 1e-2  # low gain: |gamma| below this
     collapsed_filter: float = 1e-6  # collapsed filter: norm below this times the layer's median
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not math.isfinite(value):
+                from avdiag.errors import UsageError
+
+                raise UsageError(f"threshold {name} must be a finite number, got {value}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

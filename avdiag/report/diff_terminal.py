@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from avdiag.measure.diff import BNLayerDiff, DiffResult, TensorChange
@@ -16,10 +17,10 @@ _PREVIEW = 8
 def render_diff(result: DiffResult, console: Console, quiet: bool = False, top: int = TOP_TENSORS) -> None:
     """Print ``result``; with ``quiet`` only its summary line."""
     if quiet:
-        console.print(result.summary_line(), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False)
         return
     for side, ck in (("A", result.a), ("B", result.b)):
-        console.print(f"[bold]{side}[/] {ck.path}  {ck.format}, {ck.n_tensors} tensors, "
+        console.print(f"[bold]{side}[/] {escape(ck.path)}  {ck.format}, {ck.n_tensors} tensors, "
                       f"sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
     if result.atol:
         console.print(f"values compared with atol {result.atol:g}", highlight=False)
@@ -31,8 +32,8 @@ def render_diff(result: DiffResult, console: Console, quiet: bool = False, top: 
         console.print(_tensor_table(result.changed, top))
     for label, names in (("added", result.added), ("removed", result.removed)):
         if names:
-            console.print(f"{label} ({len(names)}): {_names(names)}", highlight=False)
-    console.print(f"[bold]{result.summary_line()}[/]", highlight=False)
+            console.print(escape(f"{label} ({len(names)}): {_names(names)}"), highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def _modality_table(result: DiffResult) -> Table:
@@ -66,7 +67,7 @@ def _layer_table(layers: list[BNLayerDiff]) -> Table:
             channels = f"{_c(layer.channels_a)} -> {_c(layer.channels_b)}"
         r = layer.rel_change
         style = "red" if layer.died else ("green" if layer.revived else None)
-        table.add_row(layer.name, layer.status, channels, _rel(r["gamma"]), _rel(r["beta"]),
+        table.add_row(escape(layer.name), layer.status, channels, _rel(r["gamma"]), _rel(r["beta"]),
                       _rel(r["running_mean"]), _rel(r["running_var"]), _channels(layer.died),
                       _channels(layer.revived), style=style)
     return table
@@ -91,7 +92,7 @@ def _tensor_table(changed: list[TensorChange], top: int) -> Table:
             what = f"{_shape(c.shape_a)} {c.dtype_a}"
         elements = "-" if c.n_elements is None else f"{c.n_changed_elements}/{c.n_elements}"
         channels = "-" if c.n_channels_changed is None else f"{c.n_channels_changed}/{c.channels}"
-        table.add_row(c.name, ",".join(c.reasons), what, _num(c.max_abs_diff), _rel(c.rel_change), elements,
+        table.add_row(escape(c.name), ",".join(c.reasons), what, _num(c.max_abs_diff), _rel(c.rel_change), elements,
                       channels)
     return table
 

@@ -10,13 +10,17 @@ from typing import Any
 from avdiag.errors import UsageError
 
 
-def write_json(data: dict[str, Any], target: str) -> None:
+def write_json(data: dict[str, Any], target: str, protect: tuple[str | Path, ...] = ()) -> None:
+    """Write ``data`` to ``target`` ('-' = stdout); never onto one of the ``protect`` paths (the inputs)."""
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
     path = Path(target)
+    for other in protect:
+        if path.exists() and Path(other).exists() and path.resolve() == Path(other).resolve():
+            raise UsageError(f"--json {target}: refusing to overwrite an input")
     if path.is_dir():
         raise UsageError(f"--json {target}: is a directory")
     try:

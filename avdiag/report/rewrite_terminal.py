@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from avdiag.rewrite.reinit import RewriteResult
@@ -10,9 +11,9 @@ from avdiag.rewrite.reinit import RewriteResult
 
 def render_rewrite(result: RewriteResult, console: Console, quiet: bool = False) -> None:
     if quiet:
-        console.print(result.summary_line(), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False)
         return
-    console.print(f"[bold]{result.source['path']}[/] -> [bold]{result.target}[/] ({result.method}, "
+    console.print(f"[bold]{escape(result.source['path'])}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
                   + ", ".join(f"{k}={v}" for k, v in result.parameters.items()
                               if k not in ("method", "layers", "channels") and v is not None) + ")", highlight=False)
     for modality, state in result.diagnosis.items():
@@ -22,7 +23,7 @@ def render_rewrite(result: RewriteResult, console: Console, quiet: bool = False)
     for col in ("tensor", "channels changed", "norm before", "norm after"):
         table.add_column(col, justify="left" if col == "tensor" else "right", no_wrap=True)
     for c in result.changes:
-        table.add_row(c.name, str(c.channels_changed), "-" if c.norm_before is None else f"{c.norm_before:.4g}",
+        table.add_row(escape(c.name), str(c.channels_changed), "-" if c.norm_before is None else f"{c.norm_before:.4g}",
                       f"{c.norm_after:.4g}")
     console.print(table)
     for modality in result.dead_before:
@@ -31,4 +32,4 @@ def render_rewrite(result: RewriteResult, console: Console, quiet: bool = False)
     v = result.verification
     console.print(f"verified: reloaded, {v['identical']} tensors bit-identical, {v['rewritten']} as intended; "
                   f"forward pass: {v['forward']}", highlight=False)
-    console.print(f"[bold]{result.summary_line()}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)

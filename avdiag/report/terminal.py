@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from avdiag.inspection import InspectResult
@@ -13,22 +14,22 @@ _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 def render_inspect(result: InspectResult, console: Console, quiet: bool = False) -> None:
     if quiet:
-        console.print(result.summary_line(), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False)
         return
     ck = result.checkpoint
     unwrapped = " -> ".join(_unwrap_text(u) for u in ck.unwrapped) or "nothing"
-    console.print(f"[bold]{ck.path}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
-    console.print(f"unwrapped: {unwrapped}; layout: {result.layout.name}"
+    console.print(f"[bold]{escape(ck.path)}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
+    console.print(f"unwrapped: {escape(unwrapped)}; layout: {result.layout.name}"
                   + (f" (fusion {result.layout.fusion})" if result.layout.fusion else ""), highlight=False)
     for name, summary in result.modalities.items():
         layers = [v for v in result.layers if v.layer.modality == name]
         console.print(_modality_table(name, summary.prefix, layers, result.measured if result.probe else None))
     for f in result.findings:
         if f.severity != "info":
-            console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {f.message}", highlight=False)
+            console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {escape(f.message)}", highlight=False)
     if result.probe:
         p = result.probe
-        console.print(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})",
+        console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})"),
                       highlight=False)
         for name, m in result.modalities.items():
             if m.agreement is not None:
@@ -37,7 +38,7 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False)
     n_info = sum(f.severity == "info" for f in result.findings)
     if n_info:
         console.print(f"[dim]{n_info} informational finding(s) in --json output[/]")
-    console.print(f"[bold]{result.summary_line()}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def _agreement(a) -> str:
@@ -47,7 +48,7 @@ def _agreement(a) -> str:
 
 
 def _modality_table(name: str, prefix: str | None, layers: list[LayerVerdicts], measured=None) -> Table:
-    title = f"{name}" + (f" ({prefix.rstrip('.')})" if prefix else "")
+    title = escape(f"{name}" + (f" ({prefix.rstrip('.')})" if prefix else ""))
     table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
     table.add_column("layer", no_wrap=True)
     for col in ("dead", "abnormal", "const", "low-gain", "collapsed", "min z"):
@@ -60,12 +61,12 @@ def _modality_table(name: str, prefix: str | None, layers: list[LayerVerdicts], 
         c = v.layer.channels
         dead = f"{len(v.dead)}/{c}" if v.layer.feeds_activation != "unknown" else f"?{len(v.possibly_dead)}/{c}"
         style = "red" if v.dead else None
-        cells = [v.layer.name.removeprefix(prefix or ""), dead, _n(v.abnormal), _n(v.constant), _n(v.low_gain),
+        cells = [escape(v.layer.name.removeprefix(prefix or "")), dead, _n(v.abnormal), _n(v.constant), _n(v.low_gain),
                  _n(v.collapsed), _z(v.worst_z)]
         if measured is not None:
             m = measured.get(v.layer.name)
             cells += [f"{len(m.dead)}/{c}" if m else "n/a", _n(m.rarely_active) if m else "n/a"]
-        table.add_row(*cells, _feeds(v), style=style)
+        table.add_row(*cells, escape(_feeds(v)), style=style)
     return table
 
 
