@@ -85,7 +85,7 @@ def resolve_model(ckpt: Checkpoint, layout: Layout, model: str | None = None) ->
         return _from_factory(model, state)
     if ckpt.format == "torch-export":
         return _from_export(ckpt)
-    outer = _outer_prefix(layout)
+    outer = outer_prefix(layout)
     inner = {n[len(outer):]: t for n, t in state.items() if n.startswith(outer)}
     spec = spec_from_checkpoint(ckpt.tensors.renamed(lambda n: n[len(outer):] if n.startswith(outer) else n),
                                 layout.name, layout.fusion)
@@ -97,7 +97,7 @@ def resolve_model(ckpt: Checkpoint, layout: Layout, model: str | None = None) ->
     return ResolvedModel(module.eval(), f"registry:{spec.name}", spec.inputs, spec.visual_layout, spec, outer)
 
 
-def _outer_prefix(layout: Layout) -> str:
+def outer_prefix(layout: Layout) -> str:
     """An outer prefix such as Lightning's `model.` in front of the encoders."""
     for prefix in layout.modalities.values():
         parts = prefix.rstrip(".").split(".")

@@ -125,9 +125,9 @@ def reinit_checkpoint(path: str | Path, out: str | Path, options: RewriteOptions
 
     warnings = write_checkpoint(ckpt, new, target, provenance=provenance, drop_optimizer=drop_optimizer,
                                 in_place=in_place, fmt=fmt, verify=verify)
-    after = scan(load_checkpoint(target, allow_globals=allow_globals), locate(
-        load_checkpoint(target, allow_globals=allow_globals), modality_overrides=located.layout.modalities
-        if located.layout.source == "user" else None), thresholds, hash_file=False)
+    written = load_checkpoint(target, allow_globals=allow_globals)
+    overrides = located.layout.modalities if located.layout.source == "user" else None
+    after = scan(written, locate(written, modality_overrides=overrides), thresholds, hash_file=False)
     return RewriteResult(
         source={"path": str(ckpt.path), "format": ckpt.format, "sha256": before.checkpoint.sha256},
         target=str(target), method=opts.method, parameters=parameters,
@@ -338,11 +338,15 @@ def _initial_weights(ckpt: Checkpoint, located: Located, o: RewriteOptions) -> d
     from avdiag.locate.resolve import ModelError
     from avdiag.models.registry import build, spec_from_checkpoint
 
-    spec = spec_from_checkpoint(ckpt.tensors, located.layout.name, located.layout.fusion)
+    from avdiag.locate.resolve import outer_prefix
+
+    outer = outer_prefix(located.layout)
+    inner = ckpt.tensors.renamed(lambda n: n[len(outer):] if n.startswith(outer) else n)
+    spec = spec_from_checkpoint(inner, located.layout.name, located.layout.fusion)
     if spec is None:
         raise ModelError("no built-in architecture fits this checkpoint: pass --init-ckpt with the initial weights")
     torch.manual_seed(o.seed)
-    return dict(build(spec).state_dict())
+    return {outer + k: v for k, v in build(spec).state_dict().items()}
 
 
 def _changes(ckpt: Checkpoint, new: dict[str, torch.Tensor]) -> list[TensorChange]:
@@ -405,8 +409,14 @@ def _forward_check(written: Checkpoint, located: Located, o: RewriteOptions, tar
             resolved = resolve_model(written, located.layout, model_spec)
     except ModelError:
         return "skipped (no model: pass --model to check a forward pass)"
-    with torch.inference_mode():
-        outputs = resolved(_synthetic_batch(resolved.inputs))
+    batch = _first_batch(o) if o.data is not None else _synthetic_batch(resolved.inputs)
+    try:
+        with torch.inference_mode():
+            outputs = resolved(batch)
+    except ModelError as e:
+        if o.data is not None:
+            raise
+        return f"skipped (the model does not take avdiag's synthetic batch: {e}; pass --data to check)"
     tensors = [t for t in _flatten(outputs) if isinstance(t, torch.Tensor)]
     if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise VerificationError("a forward pass of the rewritten model gives non-finite outputs; nothing was written")
@@ -426,6 +436,11 @@ def _module_mode_model(written: Checkpoint, located: Located, model_spec: str | 
     module = abri.convert(build(spec), per_channel=per_channel, include=lambda name: name in abri_layers)
     module.load_state_dict({n: written.tensors.get(n) for n in base}, strict=True)
     return ResolvedModel(module.eval(), f"registry:{spec.name}", spec.inputs, spec.visual_layout, spec)
+
+
+def _first_batch(o: RewriteOptions) -> dict[str, torch.Tensor]:
+    _, loader = _loader(o)
+    return next(iter(loader))
 
 
 def _synthetic_batch(inputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
