@@ -322,6 +322,68 @@ def check(
     return result.exit_code
 
 
+@app.command()
+def conflict(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint of a built-in audio-visual classifier.")],
+    data: DataOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", split: SplitOpt = "train",
+    batch_size: BatchSizeOpt = 32, limit: LimitOpt = None, num_workers: WorkersOpt = 0, seed: SeedOpt = 0,
+    image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
+    class_order: ClassOrderOpt = None, frames: FramesOpt = None, seconds: SecondsOpt = None, n_fft: NFftOpt = None,
+    hop: HopOpt = None, resample: ResampleOpt = False,
+    ogm_alpha: Annotated[float, typer.Option("--ogm-alpha", help="OGM-GE alpha (0.8 CREMA-D, 0.1 VGGSound).")] = 0.8,
+    heldout_split: Annotated[Optional[str], typer.Option("--heldout-split", help="Split for the learning state "
+                             "(k-means purity gap); 'none' skips it.")] = "test",
+    no_per_sample: Annotated[bool, typer.Option("--no-per-sample", help="Skip per-sample gradients.")] = False,
+    train_mode: Annotated[bool, typer.Option("--train-mode", help="Per-batch gradients with BatchNorm in train "
+                          "mode (as in a training step).")] = False,
+    samples: Annotated[Optional[Path], typer.Option("--samples", metavar="PATH", help="Per-sample table: .csv or "
+                       ".parquet.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write PNG plots here.")] = None,
+    json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False,
+    allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False, debug: DebugOpt = False,
+) -> int:
+    """Per-modality gradient conflict and contribution on data (torchrun: one shard per process)."""
+    from avdiag.imbalance import ImbalanceOptions, analyse_imbalance
+    from avdiag.report.conflict_view import render_imbalance, write_plots
+    from avdiag.report.jsonout import write_json
+
+    if data is None:
+        raise UsageError("avdiag conflict needs --data")
+    source = DataArgs(data, model, device, split, batch_size, limit, num_workers, seed, False, image_size, mean, std,
+                      sample_rate, class_order, frames, seconds, n_fft, hop, resample).options()
+    if unsafe:
+        _stderr("avdiag: WARNING: --unsafe loads with full pickle: code inside the file runs with your rights")
+    options = ImbalanceOptions(source, ogm_alpha=ogm_alpha, per_sample=not no_per_sample,
+                               heldout_split=None if (heldout_split or "").lower() == "none" else heldout_split,
+                               train_mode=train_mode)
+    result = analyse_imbalance(checkpoint, options, allow_globals=tuple(allow_global), unsafe=unsafe)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes everything once
+        return EXIT_OK
+    if json_out is not None:
+        write_json(result.to_dict(), json_out, protect=(checkpoint,))
+    if samples is not None:
+        _write_table(result.samples_frame(), samples)
+    if plots is not None:
+        write_plots(result, plots)
+    if report is not None:
+        _write_report([result.to_dict()], report)
+    if json_out != "-":
+        render_imbalance(result, _console(), quiet=quiet)
+    return EXIT_OK
+
+
+def _write_table(frame, path: Path) -> None:
+    if path.suffix == ".parquet":
+        try:
+            frame.to_parquet(path)
+        except ImportError as e:
+            raise UsageError(f"--samples {path}: Parquet needs pyarrow (pip install pyarrow), or use .csv") from e
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        raise UsageError(f"--samples {path}: use a .csv or .parquet name")
+
+
 
 @app.command("report")
 def report_cmd(

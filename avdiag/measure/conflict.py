@@ -352,7 +352,7 @@ class ConflictResult:
             same = (p.unimodal_source, p.train_mode, p.gamma, p.head_shared, p.layers)
             if same != (first.unimodal_source, first.train_mode, first.gamma, first.head_shared, first.layers):
                 raise ValueError("cannot combine conflict results of different models or settings")
-        methods = {p.per_sample_method for p in parts if p.samples}
+        methods = {m for p in parts if p.samples and p.per_sample_method for m in p.per_sample_method.split("+")}
         batches = sorted((b for p in parts for b in p.batches), key=lambda b: (b.first_index, b.position))
         samples = sorted((s for p in parts for s in p.samples), key=lambda s: s.index)
         return cls(first.unimodal_source, first.train_mode, "+".join(sorted(methods)) if methods else None,

@@ -1,0 +1,108 @@
+"""`avdiag conflict` end to end: JSON fields, per-sample table, plots, torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from avdiag.cli import main
+from avdiag.models import MMParetoClassifier, OGMGEClassifier
+from data_fixtures import write_vggsound
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(tmp_path: Path, n_classes: int) -> Path:
+    torch.manual_seed(0)
+    model = MMParetoClassifier(n_classes, width=8)
+    path = tmp_path / "mmpareto.pt"
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_conflict_on_a_vggsound_layout_reports_the_documented_fields(tmp_path, capsys):
+    root = write_vggsound(tmp_path / "vggsound")
+    ckpt = _checkpoint(tmp_path, n_classes=3)
+    samples, plots = tmp_path / "samples.csv", tmp_path / "plots"
+    code, out, err = _run(["conflict", str(ckpt), "--data", f"vggsound:{root}", "--batch-size", "2",
+                           "--image-size", "32", "--heldout-split", "none", "--samples", str(samples),
+                           "--plots", str(plots), "--json", "-"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["schema_version"] == "1.0" and d["tool"]["command"] == "conflict"
+    for m in ("audio", "visual"):
+        entry = d["modalities"][m]
+        assert -1.0 <= entry["conflict"]["cos_mean"] <= 1.0
+        assert 0.0 <= entry["conflict"]["conflict_rate"] <= 1.0
+        assert entry["conflict"]["per_layer"] and all(k.startswith(f"{m}_net.") for k in entry["conflict"]["per_layer"])
+        assert set(entry["contribution"]["shapley_mean"]) == {"accuracy", "probability"}
+        assert 0.0 <= entry["contribution"]["unimodal_accuracy"] <= 1.0
+        assert entry["ogm"]["score"] > 0
+    rho = d["ogm"]["rho"]
+    assert math.isclose(rho["visual"] * rho["audio"], 1.0, rel_tol=1e-9)
+    assert d["contribution"]["unimodal_source"] == "heads"
+    table = samples.read_text().splitlines()
+    assert table[0].startswith("index,label,cos_audio,cos_visual") and len(table) == 1 + d["contribution"]["n_samples"]
+    for png in ("per_sample_cosine.png", "shapley.png", "per_layer_conflict.png"):
+        Image.open(plots / png).verify()
+
+
+def test_one_batch_cos_mean_is_that_batch(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, n_classes=4)
+    code, out, _ = _run(["conflict", str(ckpt), "--data", "synthetic:n=6,classes=4", "--batch-size", "6",
+                         "--heldout-split", "none", "--json", "-"], capsys)
+    d = json.loads(out)
+    for m in ("audio", "visual"):
+        c = d["modalities"][m]["conflict"]
+        assert c["cos_per_batch"] == [c["cos_mean"]]
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(),
+               tmp_path / "plain.pt")
+    for args in (["conflict", str(tmp_path / "plain.pt"), "--data", "synthetic:n=4"],
+                 ["conflict", str(_checkpoint(tmp_path, 4))]):
+        code, out, err = _run(args, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("avdiag: error:") and "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed next to this Python")
+def test_torchrun_two_processes_equal_one(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "ogm.pt"
+    torch.save({"model": {"module." + k: v for k, v in OGMGEClassifier(4, "concat", width=8).state_dict().items()}},
+               path)
+    args = ["conflict", str(path), "--data", "synthetic:n=24,classes=4", "--batch-size", "4", "--device", "cpu",
+            "-q", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "avdiag", *args, str(one)], check=True, env=env, capture_output=True)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "avdiag", *args, str(two)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    for m in ("audio", "visual"):
+        ca, cb = a["modalities"][m]["conflict"], b["modalities"][m]["conflict"]
+        assert ca["cos_per_batch"] == pytest.approx(cb["cos_per_batch"], abs=1e-6)
+        assert ca["sample_cos_mean"] == pytest.approx(cb["sample_cos_mean"], abs=1e-6)
+        sa, sb = a["modalities"][m]["contribution"], b["modalities"][m]["contribution"]
+        assert sa["shapley_mean"]["probability"] == pytest.approx(sb["shapley_mean"]["probability"], abs=1e-6)
+        assert sa["unimodal_accuracy"] == sb["unimodal_accuracy"]
+    assert a["ogm"]["rho"]["visual"] == pytest.approx(b["ogm"]["rho"]["visual"], abs=1e-6)
