@@ -106,3 +106,20 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         assert sa["shapley_mean"]["probability"] == pytest.approx(sb["shapley_mean"]["probability"], abs=1e-6)
         assert sa["unimodal_accuracy"] == sb["unimodal_accuracy"]
     assert a["ogm"]["rho"]["visual"] == pytest.approx(b["ogm"]["rho"]["visual"], abs=1e-6)
+
+
+def test_conflict_report_section_has_its_charts(tmp_path, capsys):
+    import base64
+    import io
+    import re
+
+    from avdiag.report.html import render_html
+
+    ckpt = _checkpoint(tmp_path, n_classes=4)
+    code, out, _ = _run(["conflict", str(ckpt), "--data", "synthetic:n=8,classes=4", "--batch-size", "4",
+                         "--heldout-split", "none", "--json", "-"], capsys)
+    page = render_html([json.loads(out)])
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert "Gradient conflict per layer" in page and "Contribution per modality" in page and len(images) == 2
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()

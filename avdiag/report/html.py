@@ -625,7 +625,36 @@ def _generic(res: dict, anchor: str, command: str) -> Section:
     return section
 
 
-_BUILDERS: dict[str, Callable[[dict, str], Section]] = {"inspect": _inspect, "reinit": _reinit, "diff": _diff}
+def _conflict(res: dict, anchor: str) -> Section:
+    section = Section(anchor, "conflict", f"conflict: {_d(res.get('checkpoint')).get('path', '?')} on {res.get('data', '?')}")
+    blocks = section.blocks
+    blocks.append(Text(str(res.get("summary") or "conflict"), "summary"))
+    rows = []
+    for m, entry in _d(res.get("modalities")).items():
+        c, k = _d(_d(entry).get("conflict")), _d(_d(entry).get("contribution"))
+        rows.append([m, fmt_num(c.get("cos_mean")), fmt_num(c.get("cos_std")), fmt_pct(c.get("conflict_rate")),
+                     fmt_num(c.get("magnitude_ratio_mean")), fmt_pct(c.get("sample_conflict_rate")),
+                     fmt_num(_d(k.get("shapley_mean")).get("accuracy")),
+                     fmt_num(_d(k.get("shapley_mean")).get("probability")), fmt_num(k.get("unimodal_accuracy")),
+                     fmt_num(_d(_d(entry).get("ogm")).get("score"))])
+    blocks.append(Table("Per modality", ["modality", "cos mean", "cos std", "conflict rate", "|g_uni| / |g_mm|",
+                                         "sample conflict", "Shapley (acc)", "Shapley (prob)", "uni-modal acc",
+                                         "OGM score"], rows, "lrrrrrrrrr", collapsed=False))
+    ogm, opm = _d(res.get("ogm")), _d(res.get("opm"))
+    blocks.append(_kv_table("OGM-GE and OPM", [("rho", _d(ogm.get("rho"))), ("coefficients", _d(ogm.get("coefficients"))),
+                                               ("dominant", ogm.get("dominant")),
+                                               ("OPM drop probability", _d(opm.get("drop_probability")))]))
+    blocks.append(Chart("conflict-per-layer", "Gradient conflict per layer",
+                        "Mean cosine between the multimodal and the uni-modal loss gradients over each layer's "
+                        "parameters (<= 0: conflict).", lambda: plots.conflict_per_layer(res)))
+    blocks.append(Chart("contribution", "Contribution per modality",
+                        "Exact two-modality Shapley values (pooled feature zeroed) and uni-modal accuracy.",
+                        lambda: plots.contribution_bars(res)))
+    return section
+
+
+_BUILDERS: dict[str, Callable[[dict, str], Section]] = {"inspect": _inspect, "reinit": _reinit, "diff": _diff,
+                                                        "conflict": _conflict}
 
 
 # ---- HTML ----------------------------------------------------------------------------------------

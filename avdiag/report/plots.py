@@ -560,3 +560,53 @@ def diff_layers_text(result: dict) -> str:
         lines.append(f"  {label:<{width}} A {unicode_bar(b, full, 10)} {b:>3} -> B {unicode_bar(a, full, 10)} "
                      f"{a:>3}  (died {died}, revived {revived})")
     return "\n".join(lines)
+
+
+def conflict_per_layer(result: dict) -> bytes | None:
+    """`avdiag conflict`: mean cosine of the multimodal and uni-modal gradients per layer, one panel
+    per modality; bars at or below 0 (conflict) in red."""
+    groups = {m: _dict(_dict(entry).get("conflict")).get("per_layer") for m, entry in _dict(result.get("modalities")).items()}
+    groups = {m: layers for m, layers in groups.items() if isinstance(layers, dict) and layers}
+    if not groups:
+        return None
+    with _style():
+        fig, axes, ncols = _figure(len(groups), NAMED_ROW_HEIGHT_IN, sharey=True)
+        for ax, (m, layers) in zip(axes, groups.items()):
+            names = list(layers)
+            values = np.array([as_float(layers[n]) or 0.0 for n in names])
+            ax.bar(np.arange(len(names)), values, color=["#c44e52" if v <= 0 else "#4c72b0" for v in values])
+            ax.axhline(0, color="#333333", linewidth=0.8)
+            _layer_ticks(ax, [short_name(n, f"{m}_net.") for n in names], ncols)
+            ax.set_ylim(min(-0.05, float(values.min()) * 1.1), 1.05)
+            ax.set_title(f"{m}: cos(g_multimodal, g_unimodal) per layer")
+        return _png(fig)
+
+
+def contribution_bars(result: dict) -> bytes | None:
+    """`avdiag conflict`: Shapley value (accuracy- and probability-valued) and uni-modal accuracy per
+    modality, side by side."""
+    mods = _dict(result.get("modalities"))
+    labels = [m for m in mods if isinstance(_dict(mods[m]).get("contribution"), dict)]
+    if not labels:
+        return None
+    series = {
+        "Shapley (accuracy)": [as_float(_dict(_dict(mods[m]["contribution"]).get("shapley_mean")).get("accuracy")) or 0.0
+                               for m in labels],
+        "Shapley (probability)": [as_float(_dict(_dict(mods[m]["contribution"]).get("shapley_mean")).get("probability"))
+                                  or 0.0 for m in labels],
+        "uni-modal accuracy": [as_float(_dict(mods[m]["contribution"]).get("unimodal_accuracy")) or 0.0 for m in labels],
+    }
+    with _style():
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+        x = np.arange(len(labels))
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series.items()):
+            bars = ax.bar(x + (i - 1) * width, values, width=width, label=name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.set_xticks(x, labels)
+        ax.set_title("contribution per modality")
+        ax.legend(loc="upper right")
+        return _png(fig)
