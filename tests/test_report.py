@@ -279,11 +279,11 @@ def test_html_title_and_escaping(results):
 
 
 def test_unknown_command_gets_a_generic_section():
-    other = {"schema_version": "1.0", "tool": {"name": "avdiag", "version": "9", "command": "conflict"},
+    other = {"schema_version": "1.0", "tool": {"name": "avdiag", "version": "9", "command": "calibrate"},
              "summary": {"text": "3 conflicting pairs"}, "pairs": [[1, 2]], "score": "inf"}
     future = {"schema_version": "2.0", "tool": {"name": "avdiag", "command": "inspect"}, "layers": "?"}
     page = _parse(render_html([other, future]))
-    assert [s["command"] for s in page.sections] == ["conflict", "inspect"]
+    assert [s["command"] for s in page.sections] == ["calibrate", "inspect"]
     first, second = page.sections
     assert first["images"] == [] and second["images"] == []
     assert "3 conflicting pairs" in "".join(first["text"])
