@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from avdiag.measure.probe import ChannelActivity, ProbeThresholds
-from avdiag.measure.static import LayerVerdicts, _floats
+from avdiag.measure.static import LayerVerdicts, _floats, _idx
 
 
 @dataclass
@@ -82,6 +82,3 @@ def agreement(layers: list[MeasuredLayer]) -> Agreement:
     fn = sum(len(m.measured_only) for m in layers)
     return Agreement(tp, fp, fn)
 
-
-def _idx(mask: np.ndarray) -> list[int]:
-    return [int(i) for i in np.flatnonzero(mask)]
