@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from avdiag.data import make_loader, open_dataset
-from avdiag.measure.conflict import ConflictResult, measure_conflict
-from avdiag.models import MMParetoClassifier, OGMGEClassifier
-from avdiag.models.parts import av_parts
+from avdiag.measure.conflict import ConflictResult, measure_conflict, mmpareto_weights
+from avdiag.models import ConcatFusion, MMParetoClassifier, OGMGEClassifier
+from avdiag.models.parts import AVParts, av_parts
 
 TOL = 1e-5
 GAMMA = 1.5
@@ -76,7 +76,7 @@ def ref_batch(model, layout, batch, train_mode):
     fused, oa, ov = ref_logits(model, layout, batch["audio"], batch["visual"])
     y = batch["label"]
     l_mm, l_a, l_v = F.cross_entropy(fused, y), F.cross_entropy(oa, y), F.cross_entropy(ov, y)
-    out = {"losses": (float(l_mm), float(l_a), float(l_v))}
+    out = {"losses": (l_mm.item(), l_a.item(), l_v.item())}
     for m, l_uni in (("audio", l_a), ("visual", l_v)):
         named = enc_params(model, m)
         ps = [p for _, p in named]
@@ -162,13 +162,14 @@ def close(a, b, rel=False):
 # ---- tests ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("train_mode,per_sample", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_batch_figures_match_reference(name, train_mode, batches):
+def test_batch_figures_match_reference(name, train_mode, per_sample, batches):
+    """Per-batch figures; (eval, per_sample) takes them from the shared per-sample pass."""
     model, layout = build(name)
     parts = av_parts(model)
     assert parts.unimodal_source == layout
-    result = measure_conflict(parts, batches, "cpu", per_sample=False, train_mode=train_mode)
+    result = measure_conflict(parts, batches, "cpu", per_sample=per_sample, train_mode=train_mode)
     assert len(result.batches) == len(batches)
     for rec, batch in zip(result.batches, batches):
         ref = ref_batch(model, layout, batch, train_mode)
@@ -197,6 +198,8 @@ def test_batch_figures_match_reference(name, train_mode, batches):
         else:
             assert close(rec.head_cos, ref["head_cos"]), (rec.head_cos, ref["head_cos"])
             assert result.head_shared == ref["head_shared"]
+    if name == "mmpareto" and not train_mode:  # the min-norm (conflict) branch is exercised
+        assert any(r.modalities[m].conflict for r in result.batches for m in ("audio", "visual"))
 
 
 @pytest.mark.parametrize("method", ["hooks", "vmap"])
@@ -220,6 +223,24 @@ def test_per_sample_cosines_match_loop(name, method, batches):
     lowest = sorted(r["cos_visual"] for r in ref)[:3]
     assert len(worst) == 3 and all(close(w.cos_visual, c) for w, c in zip(worst, lowest))
     assert all(by_index[w.index]["cos_visual"] == c for w, c in zip(worst, lowest))
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_per_sample_after_train_mode_batches(method, batches):
+    """train_mode=True: per-sample cosines still in eval mode with the model's own running statistics
+    (a train-mode forward updates them; they must not leak into the per-sample pass)."""
+    model, layout = build("concat", seed=5)
+    with torch.no_grad():  # non-trivial running statistics, so that a leak would show
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+    result = measure_conflict(av_parts(model), batches + batches, "cpu", per_sample=True, train_mode=True,
+                              method=method)
+    ref = {r["index"]: r for batch in batches for r in ref_samples(model, layout, batch)}
+    assert len(result.samples) == 24
+    for s in result.samples:
+        assert close(s.cos_audio, ref[s.index]["cos_audio"]) and close(s.cos_visual, ref[s.index]["cos_visual"])
 
 
 def test_shared_pass_equals_separate_passes(batches):
@@ -310,3 +331,93 @@ def test_audio_dominated_synthetic_report():
     print(f"  head cos (shared bias) {result.head_cos_mean:+.3f}")
     for s in result.summaries.values():
         assert -1 <= s.cos_mean <= 1 and 0 <= s.conflict_rate <= 1 and s.magnitude_ratio_mean > 0
+    # the trained model fits most samples to a saturated softmax: per-sample gradients are tiny
+    # (their squares underflow float32) or exactly zero (cosine NaN, on both sides)
+    ref = {r["index"]: r for batch in data for r in ref_samples(model, "slice", batch)}
+    for s in result.samples:
+        for got, want in ((s.cos_audio, ref[s.index]["cos_audio"]), (s.cos_visual, ref[s.index]["cos_visual"])):
+            assert (math.isnan(got) and math.isnan(want)) or close(got, want), (s.index, got, want)
+
+
+def test_mmpareto_weights_formula():
+    assert mmpareto_weights(1.0, 0.5, 1.0) == (0.5, 0.5)  # no conflict
+    n1, d, n2 = 4.0, -1.0, 1.0
+    a1, a2 = mmpareto_weights(n1, d, n2)
+    assert math.isclose(a1, (n2 - d) / (n1 + n2 - 2 * d)) and math.isclose(a1 + a2, 1.0)
+    assert mmpareto_weights(1e8, -1e-3, 1.0)[0] == 0.001  # clipped
+    assert mmpareto_weights(1.0, -1e-3, 1e8)[0] == 0.999
+
+
+# ---- a custom encoder: conv bias, dilation, stride, valid padding, Linear, a module run twice ----
+
+
+class TinyEncoder(torch.nn.Module):
+    def __init__(self, cin: int, twice: bool):
+        super().__init__()
+        self.twice = twice
+        self.conv1 = torch.nn.Conv2d(cin, 4, 3, stride=2, padding=1, bias=True)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, dilation=2, padding="valid", bias=True)
+        self.mix = torch.nn.Conv2d(6, 6, 1, bias=False)
+        self.fc = torch.nn.Linear(6, 5)
+        self.out_dim = 5
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv1(x)), inplace=True)
+        x = self.mix(self.conv2(x))
+        return self.mix(x) if self.twice else x
+
+    def pool(self, fmap, frames=None):
+        if frames:
+            fmap = fmap.reshape(-1, frames, *fmap.shape[1:]).mean(1)
+        return self.fc(fmap.mean((2, 3)))
+
+
+class TinyAV(torch.nn.Module):
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.audio_net, self.visual_net = TinyEncoder(1, twice), TinyEncoder(3, twice)
+        self.fusion_module = ConcatFusion(5, 6)
+
+    def forward(self, audio, visual):
+        a = self.audio_net.pool(self.audio_net(audio.unsqueeze(1)))
+        b, c, t, h, w = visual.shape
+        v = self.visual_net.pool(self.visual_net(visual.transpose(1, 2).reshape(b * t, c, h, w)), frames=t)
+        return a, v, self.fusion_module(a, v)
+
+
+def tiny_parts(model):
+    fc = model.fusion_module.fc_out
+
+    def unimodal(a, v):
+        return {"audio": a @ fc.weight[:, :5].t() + fc.bias / 2, "visual": v @ fc.weight[:, 5:].t() + fc.bias / 2}
+
+    return AVParts(model, {"audio": model.audio_net, "visual": model.visual_net}, model.fusion_module,
+                   model.fusion_module.forward, unimodal, "slice", ("audio", "visual"))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_custom_encoder(twice, batches):
+    torch.manual_seed(4)
+    model = TinyAV(twice)
+    result = measure_conflict(tiny_parts(model), batches, "cpu", per_sample=True, memory_bytes=4096)
+    assert result.per_sample_method == ("vmap" if twice else "hooks")  # a module run twice: vmap
+    ref_rows = {r["index"]: r for batch in batches for r in ref_samples(model, "slice", batch)}
+    for s in result.samples:
+        assert close(s.cos_audio, ref_rows[s.index]["cos_audio"])
+        assert close(s.cos_visual, ref_rows[s.index]["cos_visual"])
+    for train_mode, res in ((False, result), (True, measure_conflict(tiny_parts(model), batches, "cpu",
+                                                                      per_sample=False, train_mode=True))):
+        for rec, batch in zip(res.batches, batches):
+            ref = ref_batch(model, "slice", batch, train_mode)
+            for m in ("audio", "visual"):
+                assert close(rec.modalities[m].cos, ref[m]["cos"])
+                assert close(rec.modalities[m].norm_multimodal, ref[m]["norm_multimodal"], rel=True)
+                for layer, c in ref[m]["per_layer"].items():
+                    assert close(rec.modalities[m].per_layer[layer], c), (layer, rec.modalities[m].per_layer[layer], c)
+            assert close(rec.head_cos, ref["head_cos"])

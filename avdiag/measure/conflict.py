@@ -39,10 +39,10 @@ Per sample: the encoder cosine above for every sample on its own,
 gradient harmonization (Wu et al., NeurIPS 2022), where a negative per-sample cosine marks a
 conflicting, likely noisy or misaligned sample; ``ConflictResult.most_conflicting`` lists them by
 dataset index. (Wu et al. take the cosine between two cross-modal alignment losses on shared
-parameters; here the pair is the fused and the uni-modal classification loss on encoder ``m``.) Per-sample gradients are
-taken with the model in EVAL mode (BatchNorm uses its running statistics), so that samples are
-independent and a sample's gradient does not depend on the rest of its batch; the per-batch figures
-follow ``train_mode``. Two exact engines:
+parameters; here the pair is the fused and the uni-modal classification loss on encoder ``m``.)
+Per-sample gradients are taken with the model in EVAL mode (BatchNorm uses its running statistics),
+so that samples are independent and a sample's gradient does not depend on the rest of its batch;
+the per-batch figures follow ``train_mode``. Two exact engines:
 
 * ``"hooks"`` (default where it applies): one batched forward with forward hooks on every module
   that owns encoder parameters (``Conv2d``, ``Linear``, eval-mode ``BatchNorm``), two batched
@@ -58,13 +58,22 @@ follow ``train_mode``. Two exact engines:
   gradients materialised for a chunk of samples at a time. Used where the hooks engine does not
   apply (other parameterised module types, a module run twice); slower on CPU.
 
+With ``per_sample=True`` and ``train_mode=False`` the per-batch figures come from the same passes
+as the per-sample ones (the batch gradient is the sum of the per-sample gradients; where those are
+never formed, a weight-only convolution backward). Cost: both engines do the work of one forward
+and two backward passes per encoder plus the per-sample products, the same arithmetic as a loop of
+batch-size-1 passes; what they save is the loop's per-call overhead, which is large on a GPU and
+small on a CPU at full image sizes. Memory: the activations and two sets of module-output gradients
+of a batch, plus ``memory_bytes`` of per-sample temporaries.
+
 Aggregation (``measure_conflict``): ``cos_mean`` / ``cos_std`` (population std) /
 ``conflict_rate`` (share of batches with ``cos <= 0``) / ``magnitude_ratio_mean`` / per-layer mean
 cosine are means over batches, each batch counting once whatever its size. Every summary is derived
 from the per-batch records and the per-sample rows kept in the result, with ``math.fsum``
 (correctly rounded, so independent of the order of summation). That is what makes results
-reducible: a distributed run measures its shard on each rank, sends ``to_dict()`` (exact: floats
-round-trip through JSON), and :meth:`ConflictResult.combine` concatenates the per-batch records
+reducible: a distributed run measures its shard on each rank, sends ``to_dict()`` (exact: finite
+floats round-trip through JSON, non-finite ones are written "nan" / "inf" as elsewhere in avdiag),
+rebuilds it with :meth:`ConflictResult.from_dict`, and :meth:`ConflictResult.combine` concatenates the per-batch records
 (ordered by their first dataset index) and the per-sample rows (ordered by dataset index); the
 summaries of the combined result equal, bit for bit, those of one run over all the batches.
 
@@ -347,8 +356,9 @@ class ConflictResult:
         concatenated in dataset order; every summary is recomputed from them, exactly."""
         if not parts:
             raise ValueError("combine needs at least one result")
-        first = parts[0]
-        for p in parts[1:]:
+        measured = [p for p in parts if p.batches] or list(parts[:1])  # a rank may have had no batch
+        first = measured[0]
+        for p in measured[1:]:
             same = (p.unimodal_source, p.train_mode, p.gamma, p.head_shared, p.layers)
             if same != (first.unimodal_source, first.train_mode, first.gamma, first.head_shared, first.layers):
                 raise ValueError("cannot combine conflict results of different models or settings")
@@ -373,6 +383,7 @@ class _Encoder:
     owners: list[int]  # parameter -> index into layers
     layers: list[str]  # qualified module names (in the model)
     modules: list[nn.Module]  # the module of each layer
+    shares_parameters: bool = False  # a parameter owned by more than one module (hooks engine: no)
 
 
 def _qualified_prefix(model: nn.Module, module: nn.Module) -> str:
@@ -386,8 +397,11 @@ def _encoder_info(model: nn.Module, modality: str, enc: nn.Module) -> _Encoder:
     prefix = _qualified_prefix(model, enc)
     names, params, owners, layers, modules = [], [], [], [], []
     seen: set[int] = set()
-    for mod_name, mod in enc.named_modules():
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) not in seen]
+    shares = False
+    for mod_name, mod in enc.named_modules(remove_duplicate=False):
+        direct = list(mod.named_parameters(recurse=False))
+        own = [(n, p) for n, p in direct if id(p) not in seen]
+        shares = shares or len(own) < len(direct)
         if not own:
             continue
         layers.append(prefix + mod_name if mod_name else prefix.rstrip(".") or modality)
@@ -397,7 +411,7 @@ def _encoder_info(model: nn.Module, modality: str, enc: nn.Module) -> _Encoder:
             names.append(f"{mod_name}.{n}" if mod_name else n)
             params.append(p)
             owners.append(len(layers) - 1)
-    return _Encoder(modality, enc, names, params, owners, layers, modules)
+    return _Encoder(modality, enc, names, params, owners, layers, modules, shares)
 
 
 class _Restore:
@@ -414,10 +428,13 @@ class _Restore:
             p.requires_grad_(True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def reset_buffers(self) -> None:
         with torch.no_grad():
             for b, saved in self.buffers:
                 b.copy_(saved)
+
+    def __exit__(self, *exc) -> None:
+        self.reset_buffers()
         for p, flag in self.requires:
             p.requires_grad_(flag)
         for m, flag in self.training:
@@ -461,8 +478,7 @@ def _head_pass(parts: AVParts, feats: dict[str, torch.Tensor], y: torch.Tensor,
         for gx, gy, mk in zip(ga[1:], gv[1:], masks):
             if mk is None or gx is None or gy is None:
                 continue
-            x, z = gx[mk], gy[mk]
-            acc += torch.stack([(x * z).sum(dtype=_F64), (x * x).sum(dtype=_F64), (z * z).sum(dtype=_F64)])
+            acc += _stats3(gx[mk], gy[mk])
         dot, n1, n2 = acc.tolist()
         head_cos = _cos(dot, n1, n2)
     losses = {"multimodal": l_mm.detach(), **{m: l.detach() for m, l in l_uni.items()}}
@@ -498,7 +514,7 @@ def _tensor_stats(g1: Sequence[torch.Tensor | None], g2: Sequence[torch.Tensor |
     for a, b, p in zip(g1, g2, params):
         a = torch.zeros_like(p) if a is None else a
         b = torch.zeros_like(p) if b is None else b
-        rows.append(torch.stack([(a * b).sum(dtype=_F64), (a * a).sum(dtype=_F64), (b * b).sum(dtype=_F64)]))
+        rows.append(_stats3(a, b))
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=_F64)
 
 
@@ -541,13 +557,14 @@ def _hookable(mod: nn.Module) -> bool:
                 and (not isinstance(mod.padding, str) or mod.padding == "valid"))
     if t is nn.Linear or (isinstance(mod, nn.Linear) and t.forward is nn.Linear.forward):
         return True
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and type(mod).forward is nn.modules.batchnorm._BatchNorm.forward:
+    bn = nn.modules.batchnorm._BatchNorm
+    if isinstance(mod, bn) and t.forward is bn.forward:
         return mod.running_mean is not None and mod.running_var is not None
     return False
 
 
 def _hooks_apply(enc: _Encoder) -> bool:
-    return all(_hookable(m) for m in enc.modules)
+    return not enc.shares_parameters and all(_hookable(m) for m in enc.modules)
 
 
 class _Capture:
@@ -580,46 +597,138 @@ def _chunk(n: int, per_sample_floats: int, memory_bytes: int) -> int:
 
 
 def _gram3(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """(c, ...) pairs -> (c, 3) float64: <x1, x2>, |x1|^2, |x2|^2 per leading index."""
+    """(c, ...) pairs -> (c, 3) float64: <x1, x2>, |x1|^2, |x2|^2 per leading index (summed in the
+    tensors' dtype, torch's cascade summation, then widened)."""
     x1, x2 = x1.flatten(1), x2.flatten(1)
-    return torch.stack([(x1 * x2).sum(1, dtype=_F64), (x1 * x1).sum(1, dtype=_F64), (x2 * x2).sum(1, dtype=_F64)], 1)
+    return torch.stack([(x1 * x2).sum(1), (x1 * x1).sum(1), (x2 * x2).sum(1)], 1).to(_F64)
+
+
+class _BatchGrads:
+    """Batch gradients of the encoder parameters rebuilt from per-sample ones: the per-sample
+    cotangents were multiplied by powers of two (``_unit_rows``), so sample ``i``'s gradient is
+    ``inv[i]`` times what the scaled pass gives; ``grads[id(param)] = (g1, g2)``."""
+
+    def __init__(self, inv1: torch.Tensor, inv2: torch.Tensor):
+        self.inv = (inv1, inv2)
+        self.grads: dict[int, list[torch.Tensor | None]] = {}
+
+    def add(self, param: torch.Tensor, per_sample1: torch.Tensor, per_sample2: torch.Tensor, start: int) -> None:
+        """Accumulate sum_i inv[i] * per_sample[i] over the samples ``start .. start + len``."""
+        acc = self.grads.setdefault(id(param), [None, None])
+        for j, ps in enumerate((per_sample1, per_sample2)):
+            w = self.inv[j][start:start + ps.shape[0]].to(ps.dtype)
+            g = (w @ ps.reshape(ps.shape[0], -1)).reshape(param.shape)
+            acc[j] = g if acc[j] is None else acc[j] + g
+
+    def set(self, param: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> None:
+        self.grads[id(param)] = [g1.reshape(param.shape), g2.reshape(param.shape)]
+
+    def row_weights(self, j: int, rows_per_sample: int) -> torch.Tensor:
+        return self.inv[j].repeat_interleave(rows_per_sample)
+
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2 ** e`` for an integer tensor, exactly (built from the float64 bit pattern), in ``dtype``."""
+    info = torch.finfo(dtype)
+    lo, hi = math.ceil(math.log2(info.tiny)) + 1, math.floor(math.log2(info.max)) - 1
+    bits = (e.to(torch.int64).clamp(lo, hi) + 1023) << 52
+    return bits.view(torch.float64).to(dtype)
+
+
+def _exponent(m: torch.Tensor) -> torch.Tensor:
+    """Binary exponent e of m (m = f * 2**e, 0.5 <= f < 1); 0 where m is 0 or not finite."""
+    e = torch.frexp(m).exponent
+    return torch.where(torch.isfinite(m) & (m > 0), e, torch.zeros_like(e))
+
+
+def _unit_rows(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each row of ``c`` by a power of two so that its largest |value| lies in [0.5, 1):
+    (scaled rows, the inverse factors). Powers of two only shift exponents, so the backward passes
+    from the scaled cotangents give exactly the scaled per-sample gradients, while the squares of
+    the tiny gradients of well-fit (saturated) samples no longer underflow float32."""
+    e = _exponent(c.detach().abs().reshape(c.shape[0], -1).amax(1))
+    return c * _pow2(-e, c.dtype).view(-1, *[1] * (c.dim() - 1)), _pow2(e, torch.float64)
+
+
+def _stats3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 <a, b>, |a|^2, |b|^2, computed on copies rescaled by one power of two (no
+    underflow or overflow of the squares) and scaled back in float64."""
+    m = torch.maximum(a.detach().abs().amax(), b.detach().abs().amax()) if a.numel() else a.new_zeros(())
+    e = _exponent(m)
+    s = _pow2(-e, a.dtype)
+    a, b = a * s, b * s
+    res = torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).to(_F64)
+    return res * _pow2(2 * e, _F64)
+
+
+def _im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+            dilation: tuple[int, int]) -> torch.Tensor:
+    """``F.unfold(x, kernel, dilation, padding, stride)``, (N, C*kh*kw, L), from strided windows
+    (one copy; faster than ``F.unfold`` on CPU)."""
+    if padding[0] or padding[1]:
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    v = x.unfold(2, dilation[0] * (kernel[0] - 1) + 1, stride[0])
+    if dilation[0] > 1:
+        v = v[..., ::dilation[0]]
+    v = v.unfold(3, dilation[1] * (kernel[1] - 1) + 1, stride[1])
+    if dilation[1] > 1:
+        v = v[..., ::dilation[1]]
+    n, c, ho, wo = v.shape[:4]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel[0] * kernel[1], ho * wo)
 
 
 def _conv_products(mod: nn.Conv2d, x: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, n: int,
-                   memory_bytes: int) -> torch.Tensor:
+                   memory_bytes: int, grads: _BatchGrads | None) -> torch.Tensor:
+    """Per-sample products of a convolution; with ``grads``, its batch gradients go there too."""
     r = x.shape[0] // n  # rows (frames) per sample
     cout = d1.shape[1]
     k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
     length = r * d1.shape[2] * d1.shape[3]  # positions per sample
     ghost = length * length * (k + 3 * cout) < 2 * cout * k * length
-    per_sample = k * length + (4 * length * length if ghost else 2 * cout * k) + 2 * cout * length
+    per_sample = k * length + (4 * length * length if ghost else 2 * cout * k) + 4 * cout * length
     c = _chunk(n, per_sample, memory_bytes)
-    padding = 0 if mod.padding == "valid" else mod.padding
+    padding = (0, 0) if mod.padding == "valid" else mod.padding
     out = []
     for s in range(0, n, c):
         e = min(n, s + c)
-        u = F.unfold(x[s * r:e * r], mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
         m = e - s
-        u = u.reshape(m, r, k, -1).transpose(1, 2).reshape(m, k, length)  # (m, K, positions)
-        g1 = d1[s * r:e * r].reshape(m, r, cout, -1).transpose(1, 2).reshape(m, cout, length)
-        g2 = d2[s * r:e * r].reshape(m, r, cout, -1).transpose(1, 2).reshape(m, cout, length)
+        u = _im2col(x[s * r:e * r], mod.kernel_size, mod.stride, padding, mod.dilation)
+        if r > 1:
+            u = u.reshape(m, r, k, -1).transpose(1, 2)
+        u = u.reshape(m, k, length)  # (m, K, positions)
+        dd = torch.cat([d1[s * r:e * r], d2[s * r:e * r]], 1).reshape(m, r, 2 * cout, -1)
+        if r > 1:
+            dd = dd.transpose(1, 2)
+        dd = dd.reshape(m, 2 * cout, length)  # (m, [delta1; delta2], positions)
         if ghost:
             gram_x = torch.bmm(u.transpose(1, 2), u)  # (m, L, L)
+            g1, g2 = dd[:, :cout], dd[:, cout:]
             res = torch.stack([
-                (torch.bmm(g1.transpose(1, 2), g2) * gram_x).sum((1, 2), dtype=_F64),
-                (torch.bmm(g1.transpose(1, 2), g1) * gram_x).sum((1, 2), dtype=_F64),
-                (torch.bmm(g2.transpose(1, 2), g2) * gram_x).sum((1, 2), dtype=_F64)], 1)
+                (torch.bmm(g1.transpose(1, 2), g2) * gram_x).sum((1, 2)),
+                (torch.bmm(g1.transpose(1, 2), g1) * gram_x).sum((1, 2)),
+                (torch.bmm(g2.transpose(1, 2), g2) * gram_x).sum((1, 2))], 1).to(_F64)
         else:
-            ut = u.transpose(1, 2)
-            res = _gram3(torch.bmm(g1, ut), torch.bmm(g2, ut))
+            g = torch.bmm(dd, u.transpose(1, 2))  # (m, 2 Cout, K): per-sample weight gradients
+            res = _gram3(g[:, :cout], g[:, cout:])
+            if grads is not None:
+                grads.add(mod.weight, g[:, :cout], g[:, cout:], s)
         if mod.bias is not None:
-            res = res + _gram3(g1.sum(2), g2.sum(2))
+            bias = dd.sum(2)
+            res = res + _gram3(bias[:, :cout], bias[:, cout:])
+            if grads is not None:
+                grads.add(mod.bias, bias[:, :cout], bias[:, cout:], s)
         out.append(res)
+    if grads is not None and ghost:  # batch weight gradients: one weight-only convolution backward
+        w1, w2 = (grads.row_weights(j, r).to(d1.dtype).view(-1, 1, 1, 1) for j in (0, 1))
+        wgrad = torch.ops.aten.convolution_backward(
+            torch.cat([d1 * w1, d2 * w2], 1), x, torch.cat([mod.weight.detach(), mod.weight.detach()]), None,
+            mod.stride, padding, mod.dilation, False, (0, 0), 1, (False, True, False))[1]
+        grads.set(mod.weight, wgrad[:cout], wgrad[cout:])
     return torch.cat(out)
 
 
 def _linear_products(mod: nn.Linear, x: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, n: int,
-                     memory_bytes: int) -> torch.Tensor:
+                     memory_bytes: int, grads: _BatchGrads | None) -> torch.Tensor:
     x = x.reshape(n, -1, x.shape[-1])
     d1 = d1.reshape(n, -1, d1.shape[-1])
     d2 = d2.reshape(n, -1, d2.shape[-1])
@@ -627,15 +736,22 @@ def _linear_products(mod: nn.Linear, x: torch.Tensor, d1: torch.Tensor, d2: torc
     out = []
     for s in range(0, n, c):
         e = min(n, s + c)
-        res = _gram3(torch.bmm(d1[s:e].transpose(1, 2), x[s:e]), torch.bmm(d2[s:e].transpose(1, 2), x[s:e]))
+        g1 = torch.bmm(d1[s:e].transpose(1, 2), x[s:e])
+        g2 = torch.bmm(d2[s:e].transpose(1, 2), x[s:e])
+        res = _gram3(g1, g2)
+        if grads is not None:
+            grads.add(mod.weight, g1, g2, s)
         if mod.bias is not None:
-            res = res + _gram3(d1[s:e].sum(1), d2[s:e].sum(1))
+            b1, b2 = d1[s:e].sum(1), d2[s:e].sum(1)
+            res = res + _gram3(b1, b2)
+            if grads is not None:
+                grads.add(mod.bias, b1, b2, s)
         out.append(res)
     return torch.cat(out)
 
 
 def _bn_products(mod: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
-                 n: int) -> torch.Tensor:
+                 n: int, grads: _BatchGrads | None) -> torch.Tensor:
     shape = (1, -1) + (1,) * (x.dim() - 2)
     xhat = (x - mod.running_mean.view(shape)) * torch.rsqrt(mod.running_var.view(shape) + mod.eps)
     dims = tuple(range(2, x.dim()))
@@ -645,16 +761,21 @@ def _bn_products(mod: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, d1: torc
         return t.reshape(n, -1, t.shape[1]).sum(1)
 
     res = torch.zeros(n, 3, dtype=_F64, device=x.device)
-    if mod.weight is not None:
-        res = res + _gram3(per_sample(d1 * xhat), per_sample(d2 * xhat))
-    if mod.bias is not None:
-        res = res + _gram3(per_sample(d1), per_sample(d2))
+    for param, pair in ((mod.weight, lambda: (d1 * xhat, d2 * xhat)), (mod.bias, lambda: (d1, d2))):
+        if param is None:
+            continue
+        q1, q2 = (per_sample(t) for t in pair())
+        res = res + _gram3(q1, q2)
+        if grads is not None:
+            grads.add(param, q1, q2, 0)
     return res
 
 
 def _hooks_products(enc: _Encoder, cap: _Capture, deltas1: Sequence[torch.Tensor | None],
-                    deltas2: Sequence[torch.Tensor | None], n: int, memory_bytes: int) -> torch.Tensor:
-    """(n, 3) float64 per-sample <g1_i, g2_i>, |g1_i|^2, |g2_i|^2 over the whole encoder."""
+                    deltas2: Sequence[torch.Tensor | None], n: int, memory_bytes: int,
+                    grads: _BatchGrads | None = None) -> torch.Tensor:
+    """(n, 3) float64 per-sample <g1_i, g2_i>, |g1_i|^2, |g2_i|^2 over the whole encoder; with
+    ``grads``, the batch gradients of every encoder parameter are gathered there too."""
     total = None
     for mod, calls, d1, d2 in zip(enc.modules, cap.calls, deltas1, deltas2):
         x, out = calls[0]
@@ -663,11 +784,11 @@ def _hooks_products(enc: _Encoder, cap: _Capture, deltas1: Sequence[torch.Tensor
         if x.shape[0] % n:
             raise _Unsupported("a module's batch is not a multiple of the number of samples")
         if isinstance(mod, nn.Conv2d):
-            res = _conv_products(mod, x, d1, d2, n, memory_bytes)
+            res = _conv_products(mod, x, d1, d2, n, memory_bytes, grads)
         elif isinstance(mod, nn.Linear):
-            res = _linear_products(mod, x, d1, d2, n, memory_bytes)
+            res = _linear_products(mod, x, d1, d2, n, memory_bytes, grads)
         else:
-            res = _bn_products(mod, x, d1, d2, n)
+            res = _bn_products(mod, x, d1, d2, n, grads)
         total = res if total is None else total + res
     return total if total is not None else torch.zeros(n, 3, dtype=_F64)
 
@@ -700,7 +821,7 @@ def _vmap_products(enc: _Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.T
         acc = torch.zeros(3, dtype=_F64, device=xi.device)
         for k in p:
             a, b = g1[k], g2[k]
-            acc = acc + torch.stack([(a * b).sum(dtype=_F64), (a * a).sum(dtype=_F64), (b * b).sum(dtype=_F64)])
+            acc = acc + torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]).to(_F64)
         return acc
 
     batched = torch.func.vmap(one, in_dims=(None, 0, 0, 0))
@@ -754,7 +875,7 @@ def measure_conflict(parts: AVParts, batches: Iterable[dict[str, Any]], device: 
     masks: list[torch.Tensor | None] | None = None
     methods: set[str] = set()
     seen = 0
-    with _Restore(model, save_buffers=train_mode), torch.enable_grad():
+    with _Restore(model, save_buffers=train_mode) as restore, torch.enable_grad():
         for position, batch in enumerate(batches):
             inputs, y = _batch_inputs(batch, device)
             n = int(y.shape[0])
@@ -769,6 +890,7 @@ def measure_conflict(parts: AVParts, batches: Iterable[dict[str, Any]], device: 
                 shared = False
                 record, samples = _measure_batch(parts, encs, inputs, y, head_params, masks, train_mode, False,
                                                  gamma, memory_bytes)
+            restore.reset_buffers()  # undo the running-statistics update of a train-mode forward
             if masks is None:
                 masks = record.pop("masks")
                 result.head_shared = int(sum(int(mk.sum()) for mk in masks if mk is not None))
@@ -807,15 +929,23 @@ def _measure_batch(parts: AVParts, encs: dict[str, _Encoder], inputs: dict[str, 
         record["masks"] = new_masks
     samples = {} if with_samples else None
     for m, enc in encs.items():
-        outs = caps[m].outputs() if caps is not None else []
-        targets = list(enc.params) + outs
-        g1 = torch.autograd.grad(feats[m], targets, head.cot_mm[m], retain_graph=True, allow_unused=True)
-        g2 = torch.autograd.grad(feats[m], targets, head.cot_uni[m], allow_unused=True)
-        k = len(enc.params)
-        record["modalities"][m] = _modality_conflict(_tensor_stats(g1[:k], g2[:k], enc.params), enc, gamma)
+        # with hooks: gradients at the module outputs only; the parameter gradients of the batch
+        # are the sums of the per-sample ones (or, where those are never formed, a weight-only
+        # convolution backward), so autograd computes no weight gradient twice
         if caps is not None:
-            prod = _hooks_products(enc, caps[m], g1[k:], g2[k:], int(y.shape[0]), memory_bytes)
-            samples[m] = _sample_cos(prod)
+            (c1, inv1), (c2, inv2) = _unit_rows(head.cot_mm[m]), _unit_rows(head.cot_uni[m])
+            outs = caps[m].outputs()
+            d1 = torch.autograd.grad(feats[m], outs, c1, retain_graph=True, allow_unused=True)
+            d2 = torch.autograd.grad(feats[m], outs, c2, allow_unused=True)
+            grads = _BatchGrads(inv1, inv2)
+            samples[m] = _sample_cos(_hooks_products(enc, caps[m], d1, d2, int(y.shape[0]), memory_bytes, grads))
+            del d1, d2
+            g1 = [grads.grads[id(p)][0] for p in enc.params]
+            g2 = [grads.grads[id(p)][1] for p in enc.params]
+        else:
+            g1 = torch.autograd.grad(feats[m], enc.params, head.cot_mm[m], retain_graph=True, allow_unused=True)
+            g2 = torch.autograd.grad(feats[m], enc.params, head.cot_uni[m], allow_unused=True)
+        record["modalities"][m] = _modality_conflict(_tensor_stats(g1, g2, enc.params), enc, gamma)
         del g1, g2
     return record, samples
 
@@ -834,8 +964,9 @@ def _per_sample_only(parts: AVParts, encs: dict[str, _Encoder], inputs: dict[str
             head = _head_pass(parts, feats, y, [], None)
             for m, enc in encs.items():
                 outs = caps[m].outputs()
-                d1 = torch.autograd.grad(feats[m], outs, head.cot_mm[m], retain_graph=True, allow_unused=True)
-                d2 = torch.autograd.grad(feats[m], outs, head.cot_uni[m], allow_unused=True)
+                c1, c2 = _unit_rows(head.cot_mm[m])[0], _unit_rows(head.cot_uni[m])[0]
+                d1 = torch.autograd.grad(feats[m], outs, c1, retain_graph=True, allow_unused=True)
+                d2 = torch.autograd.grad(feats[m], outs, c2, allow_unused=True)
                 out[m] = _sample_cos(_hooks_products(enc, caps[m], d1, d2, n, memory_bytes))
             return out, "hooks"
         except _Unsupported:
@@ -844,6 +975,6 @@ def _per_sample_only(parts: AVParts, encs: dict[str, _Encoder], inputs: dict[str
         feats = parts.features(inputs)
     head = _head_pass(parts, feats, y, [], None)
     for m, enc in encs.items():
-        out[m] = _sample_cos(_vmap_products(enc, inputs[m], head.cot_mm[m].detach(), head.cot_uni[m].detach(),
-                                            memory_bytes))
+        c1, c2 = _unit_rows(head.cot_mm[m].detach())[0], _unit_rows(head.cot_uni[m].detach())[0]
+        out[m] = _sample_cos(_vmap_products(enc, inputs[m], c1, c2, memory_bytes))
     return out, "vmap"
