@@ -1,0 +1,160 @@
+"""`avdiag check`: a CI gate over many checkpoints, driven by a policy.
+
+The section below is written to be pasted into the README as it is.
+
+## `avdiag check`: a policy gate for CI
+
+```bash
+avdiag check models/                                   # every checkpoint under models/ (recursively)
+avdiag check 'runs/*/best.pt' extra.safetensors        # globs (quoted: avdiag expands them), files, folders
+avdiag check models/ --sarif avdiag.sarif --junit avdiag.xml --json report.json
+avdiag check model.pt --baseline old/model.pt          # fail when dead channels grew versus OLD
+avdiag check models/ --baseline old_models/            # OLD: a folder holding same-named checkpoints
+avdiag check models/ --policy ci/avdiag.toml
+```
+
+Options: `--policy PATH`, `--baseline OLD`, `--json PATH` (`-`: stdout), `--junit PATH`,
+`--sarif PATH`, `--fail-on error|warning` and `--on-nothing-analysed error|violation|pass` (override
+the policy), `--allow-global pkg.Class` (repeatable), `-q/--quiet` (the summary line only), `--debug`.
+A pre-commit hook (`avdiag-check`, in `.pre-commit-hooks.yaml`) and a GitHub Actions workflow
+(`examples/ci/github-actions.yml`: CPU torch, SARIF upload to code scanning) are included.
+
+Every checkpoint is analysed in one process (the static scan of `inspect`, without the file's
+SHA-256 unless the policy says `hash = true`), with a progress bar on stderr. A file that cannot be
+analysed never stops the run: it becomes a violation of its rule in that file's report.
+
+Folders are searched recursively (hidden folders skipped) for files named `*.pt *.pth *.bin *.ckpt
+*.safetensors *.pt2 *.pth.tar` and for other files whose first bytes are a torch zip, a legacy torch
+pickle, a safetensors header or the pre-1.0 torch tar format (which avdiag refuses: `unreadable`); a folder holding a `*.index.json` is one sharded checkpoint. A file
+named on the command line is always checked, whatever its name. Each file is checked once.
+
+### Exit codes
+
+| code | meaning |
+|---|---|
+| 0 | every checkpoint passed the policy |
+| 1 | policy violations: a violation at or above `fail_on` (including `unsafe-pickle`), or a path that analysed nothing with `on_nothing_analysed = "violation"` |
+| 2 | errors: a checkpoint that could not be analysed (`unreadable`, `analysis-error`, a baseline that could not be read), a path that analysed nothing (`lfs-pointer`, `nothing-analysed`, with the default `on_nothing_analysed = "error"`), or a usage error (bad option or policy: one line on stderr) |
+
+2 wins over 1. An unsafe pickle is a **finding**, not an error: avdiag read the pickle's opcodes,
+found globals outside torch's weights-only allow-list and refused to load it, so the file's verdict
+is conclusive (it must not be loaded). This follows the convention of model-file scanners, which
+exit 1 when they find a dangerous file and 2 when they could not scan one. A truncated or corrupt
+file, by contrast, could not be analysed at all: exit 2.
+
+A path that matches no checkpoint, a folder without checkpoints, a Git LFS pointer (the weights
+were never fetched) or a checkpoint without tensors is never a silent pass: `on_nothing_analysed`
+decides whether it is an error (default, exit 2), a violation (exit 1) or a pass (still reported,
+as a note).
+
+### Rules
+
+Rule ids are stable (never renamed or reused). Content rules share their ids with the findings of
+`avdiag inspect`. Severities: `error`, `warning`, `note`, or `off` (not evaluated). A violation
+fails the run when its severity is at least `fail_on` (default `error`) and it is not suppressed.
+
+| id | default | what fails | parameters [defaults] |
+|---|---|---|---|
+| `unsafe-pickle` | error (fixed) | a pickle names globals outside torch's weights-only allow-list (a torch checkpoint, a plain pickle, a shard of a sharded folder); the file is refused, nothing in it runs | - |
+| `unreadable` | error (fixed, exit 2) | missing, empty, truncated or corrupt file, or not a format avdiag reads | - |
+| `analysis-error` | error (fixed, exit 2) | the file loaded but could not be analysed (e.g. a policy `modality` prefix that matches no tensor of it) | - |
+| `lfs-pointer` | `on_nothing_analysed` | a Git LFS pointer file instead of the weights (`git lfs pull`) | - |
+| `nothing-analysed` | `on_nothing_analysed` | a path or glob that matches no checkpoint, a folder without checkpoints, a checkpoint without tensors, or a run in which every path was excluded | - |
+| `nonfinite-tensor` | error | a tensor holds NaN or Inf (one violation per tensor) | - |
+| `dead-channels` | error | the dead BatchNorm channel ratio of a modality, or of a layer matched by a glob, is above its threshold | `max_ratio` [0.05] per modality; `modalities` {name = ratio} overrides it for one modality; `layers` {glob = ratio} adds per-layer checks (first matching glob wins) |
+| `abnormal-affine` | warning | the ratio of abnormal affine pairs (\\|gamma\\| and \\|beta\\| < threshold) is above its threshold | as `dead-channels`; `max_ratio` [0.0: any abnormal pair] |
+| `collapsed-filters` | warning | conv filters feeding a BN are ~0 (one violation per layer) | - |
+| `no-batchnorm` | warning | no BatchNorm layer: the dead-channel scan had nothing to look at | - |
+| `dead-channels-growth` | error | with `--baseline`: a modality has more dead channels than in OLD | `max_growth` [0] channels; `modalities` {name = channels}; `max_ratio_growth` [unset]: also fail when the dead ratio grew by more |
+| `constant-channels`, `low-gain-channels`, `possibly-dead-channels`, `prediction-mismatch` | off | the informational findings of `inspect` (any occurrence) | - |
+| `measured-dead-channels`, `layer-not-probed` | warning | findings of a probe on data (only when the checkpoint was run on data) | - |
+| `modality-contribution` | off | reserved: a modality's contribution to the prediction below a threshold (needs data) | any; **not implemented yet**: when enabled, every checkpoint reports it as *not evaluated* |
+| `modality-conflict` | off | reserved: gradient conflict between modalities above a threshold (needs data) | any; **not implemented yet**: reported as *not evaluated* |
+
+Violations are located: `location` is a tensor name (`nonfinite-tensor`), a BN layer name, or
+`modality:NAME`; empty for file-level rules.
+
+### Policy
+
+`avdiag.toml` (table `[check]`) in the current folder, else `[tool.avdiag.check]` in
+`pyproject.toml` there, else the defaults above; `--policy PATH` names either kind of file.
+Unknown keys, rule ids or parameters are errors, not ignored.
+
+```toml
+[tool.avdiag.check]            # in avdiag.toml: [check]
+fail_on = "error"              # "error" or "warning": the lowest severity that fails the run
+on_nothing_analysed = "error"  # "error" | "violation" | "pass"
+exclude = ["models/archive/*"] # globs of paths not to check (relative to the policy file's folder)
+allow_globals = []             # pickle globals admitted as inert placeholders (as --allow-global)
+hash = false                   # compute each file's SHA-256 (reported in the JSON and SARIF)
+
+[tool.avdiag.check.inspect]    # the static scan's settings, as inspect's options
+dead_z = -3.0
+abnormal_threshold = 1e-10
+modality = ["audio=enc_a", "visual=enc_v"]
+assume_activation = "relu"
+
+[tool.avdiag.check.rules]
+nonfinite-tensor = "error"                                   # a string sets the severity
+dead-channels = { max_ratio = 0.05, modalities = { audio = 0.10 }, layers = { "visual_net.layer4.*" = 0.25 } }
+abnormal-affine = { severity = "error", max_ratio = 0.01 }
+dead-channels-growth = { max_growth = 2 }
+possibly-dead-channels = "note"
+modality-contribution = { severity = "error", min_share = 0.2 }   # reserved: reported "not evaluated"
+
+[[tool.avdiag.check.suppress]]
+path = "models/legacy/*.pt"         # glob on the path relative to the policy file's folder ('*' crosses '/')
+rules = ["dead-channels"]           # default: every suppressible rule
+locations = ["modality:audio"]      # optional globs on the location
+reason = "audio encoder initialised from ImageNet; tracked in #12"   # required
+```
+
+`[inspect]` keys: `dead_z`, `abnormal_threshold`, `constant_scale`, `low_gain`, `collapsed_filter`,
+`bn_eps`, `assume_activation`, `modality`. Suppressed violations stay in every report (SARIF
+`suppressions`, JSON `suppressed`), but never fail the run. `unsafe-pickle`, `unreadable`,
+`analysis-error`, `lfs-pointer` and `nothing-analysed` cannot be suppressed: skip a path with
+`exclude`, or set `on_nothing_analysed`. `check` never loads with full pickle.
+
+`--baseline OLD`: OLD is one checkpoint (when one checkpoint is checked) or a folder; for each
+checked file, `OLD/<path relative to the folder given>` and then `OLD/<file name>` are tried. A file
+without a counterpart reports `dead-channels-growth` as *not evaluated*; a baseline that cannot be
+read is an error (exit 2), reported under `unreadable` / `unsafe-pickle` with location `baseline`.
+
+### Reports
+
+All at once: the terminal (one line per checkpoint, its violations, a summary line), `--json PATH`
+(`-`: stdout, nothing else there; schema 1.0, `tool.command = "check"`), `--junit PATH` (one
+`testsuite` per checkpoint, one `testcase` per enabled rule: `failure` for violations that fail the
+run, `error` for files that could not be analysed, `skipped` for rules not evaluated), `--sarif PATH`
+(SARIF 2.1.0, validated against the OASIS schema in the tests: rules with their configured level,
+one result per violation with the checkpoint's path, the tensor / layer / modality as a logical
+location, and `partialFingerprints["avdiag/v1"]` = a hash of rule id, path and location, stable
+across runs). Under GitHub Actions (`GITHUB_ACTIONS=true`) each unsuppressed violation is also an
+annotation line (`::error file=...,title=...::message`) on stdout (on stderr with `--json -`), and a
+Markdown summary is appended to `$GITHUB_STEP_SUMMARY`.
+"""
+
+from avdiag.check.paths import CHECKPOINT_SUFFIXES, expand_paths, looks_like_checkpoint
+from avdiag.check.policy import Policy, Suppression
+from avdiag.check.results import CheckResult, FileReport, Violation, fingerprint
+from avdiag.check.rules import (
+    ERROR,
+    FAIL_ON,
+    NOTE,
+    OFF,
+    OUTCOME_ERROR,
+    OUTCOME_FAIL,
+    OUTCOME_REPORT,
+    RULE_IDS,
+    SCHEMA_VERSION,
+    SEVERITIES,
+    SUPPRESSIBLE,
+    WARNING,
+    Rule,
+)
+from avdiag.check.run import check_paths
+
+__all__ = ["CheckResult", "FileReport", "Policy", "Rule", "Suppression", "Violation", "RULE_IDS",
+           "check_paths", "expand_paths", "looks_like_checkpoint", "fingerprint", "CHECKPOINT_SUFFIXES",
+           "ERROR", "WARNING", "NOTE", "OFF", "SEVERITIES", "FAIL_ON", "SUPPRESSIBLE", "SCHEMA_VERSION",
+           "OUTCOME_ERROR", "OUTCOME_FAIL", "OUTCOME_REPORT"]
