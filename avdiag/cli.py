@@ -298,7 +298,8 @@ def check(
     policy: Annotated[Optional[Path], typer.Option("--policy", metavar="PATH", help="avdiag.toml ([check]) or "
                       "pyproject.toml ([tool.avdiag.check]) [default: found in the current folder].")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="OLD", help="Fail when dead channels "
-                        "grew versus OLD (a checkpoint, or a folder of same-named ones).")] = None,
+                        "grew (with --data: a modality's contribution fell) versus OLD (a checkpoint, or a folder of "
+                        "same-named ones).")] = None,
     json_out: JsonOpt = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="JUnit XML: one testcase per "
                      "file and rule.")] = None,
@@ -307,15 +308,28 @@ def check(
     fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="error or warning.")] = None,
     on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed",
                                    help="error, violation or pass.")] = None,
-    quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [], debug: DebugOpt = False,
+    quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [],
+    data: DataOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", split: SplitOpt = "train",
+    batch_size: BatchSizeOpt = 32, limit: LimitOpt = None, num_workers: WorkersOpt = 0, seed: SeedOpt = 0,
+    amp: AmpOpt = False,
+    ogm_alpha: Annotated[float, typer.Option("--ogm-alpha", help="OGM-GE alpha of the contribution rule.")] = 0.8,
+    image_size: ImageSizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, sample_rate: SampleRateOpt = None,
+    class_order: ClassOrderOpt = None, frames: FramesOpt = None, seconds: SecondsOpt = None, n_fft: NFftOpt = None,
+    hop: HopOpt = None, resample: ResampleOpt = False,
+    debug: DebugOpt = False,
 ) -> int:
-    """Check checkpoints against a policy (CI gate). Exit 0 pass, 1 policy violations, 2 errors."""
+    """Check checkpoints against a policy (CI gate). Exit 0 pass, 1 policy violations, 2 errors.
+
+    With --data, each checkpoint's model also runs on the data: probe findings, and the contribution
+    and conflict rules (and, with --baseline, a fall in a modality's contribution)."""
     from avdiag.check import Policy, check_paths
     from avdiag.report.ci import write_reports
 
     rules = Policy.load(policy).with_overrides(fail_on=fail_on, on_nothing_analysed=on_nothing_analysed)
-    result = check_paths(paths, rules, baseline=baseline, allow_globals=tuple(allow_global),
-                         progress=not quiet and json_out != "-" and sys.stderr.isatty())
+    source = DataArgs(data, model, device, split, batch_size, limit, num_workers, seed, amp, image_size, mean, std,
+                      sample_rate, class_order, frames, seconds, n_fft, hop, resample).options()
+    result = check_paths(paths, rules, baseline=baseline, allow_globals=tuple(allow_global), data=source,
+                         ogm_alpha=ogm_alpha, progress=not quiet and json_out != "-" and sys.stderr.isatty())
     write_reports(result, console=_console(), json_out=json_out, junit_out=junit, sarif_out=sarif, quiet=quiet)
     if report is not None:
         _write_report([result.to_dict()], report)

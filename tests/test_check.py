@@ -348,15 +348,15 @@ def test_suppressions_per_path(at, tmp_path):
     assert check_paths(["unreadable"], everything).exit_code == 2
 
 
-def test_reserved_rules_are_reported_not_evaluated(at, tmp_path):
-    policy = _policy(tmp_path, "[check.rules]\nmodality-contribution = { severity = 'error', min_share = 0.2 }\n"
+def test_data_rules_configured_without_data_are_reported_not_evaluated(at, tmp_path):
+    policy = _policy(tmp_path, "[check.rules]\nmodality-contribution = { severity = 'error', min_share = 0.3 }\n"
                                "modality-conflict = 'warning'\n")
-    assert policy.rules["modality-contribution"].params == {"min_share": 0.2}
+    assert policy.rules["modality-contribution"].params["min_share"] == 0.3
     result = check_paths(["good/clean.pt"], policy)
     assert result.exit_code == 0  # not a failure, but never a silent pass:
     (f,) = result.files
     assert [n["rule_id"] for n in f.not_evaluated] == ["modality-contribution", "modality-conflict"]
-    assert "not implemented" in f.not_evaluated[0]["reason"]
+    assert "needs data" in f.not_evaluated[0]["reason"]
     assert "2 rule check(s) not evaluated" in result.summary_line()
     suite = ET.fromstring(junit_xml(result)).find("testsuite")
     skipped = {c.get("name") for c in suite.iter("testcase") if c.find("skipped") is not None}
@@ -528,3 +528,9 @@ def test_terminal_rendering(at):
     quiet = io.StringIO()
     render_check(result, Console(file=quiet, width=200, color_system=None), quiet=True)
     assert quiet.getvalue().strip() == result.summary_line()
+
+
+def test_readme_carries_the_check_documentation():
+    doc = check_module.__doc__
+    section = doc[doc.index("## `avdiag check`: a policy gate for CI"):].rstrip()
+    assert section in (HERE.parent / "README.md").read_text()

@@ -11,11 +11,15 @@ avdiag check models/ --sarif avdiag.sarif --junit avdiag.xml --json report.json
 avdiag check model.pt --baseline old/model.pt          # fail when dead channels grew versus OLD
 avdiag check models/ --baseline old_models/            # OLD: a folder holding same-named checkpoints
 avdiag check models/ --policy ci/avdiag.toml
+avdiag check model.pt --data cremad:/data/CREMA-D --split test --limit 512     # + contribution and conflict rules
+avdiag check model.pt --baseline old/model.pt --data vggsound:/data/vggsound --limit 256  # + contribution fall
 ```
 
 Options: `--policy PATH`, `--baseline OLD`, `--json PATH` (`-`: stdout), `--junit PATH`,
 `--sarif PATH`, `--fail-on error|warning` and `--on-nothing-analysed error|violation|pass` (override
-the policy), `--allow-global pkg.Class` (repeatable), `-q/--quiet` (the summary line only), `--debug`.
+the policy), `--allow-global pkg.Class` (repeatable), `-q/--quiet` (the summary line only), `--debug`,
+and the data options of `inspect --data` (`--data SPEC`, `--model`, `--device`, `--split`,
+`--batch-size`, `--limit`, `--seed`, `--amp`, preprocessing) with `--ogm-alpha`.
 A pre-commit hook (`avdiag-check`, in `.pre-commit-hooks.yaml`) and a GitHub Actions workflow
 (`examples/ci/github-actions.yml`: CPU torch, SARIF upload to code scanning) are included.
 
@@ -68,8 +72,9 @@ fails the run when its severity is at least `fail_on` (default `error`) and it i
 | `dead-channels-growth` | error | with `--baseline`: a modality has more dead channels than in OLD | `max_growth` [0] channels; `modalities` {name = channels}; `max_ratio_growth` [unset]: also fail when the dead ratio grew by more |
 | `constant-channels`, `low-gain-channels`, `possibly-dead-channels`, `prediction-mismatch` | off | the informational findings of `inspect` (any occurrence) | - |
 | `measured-dead-channels`, `layer-not-probed` | warning | findings of a probe on data (only when the checkpoint was run on data) | - |
-| `modality-contribution` | off | reserved: a modality's contribution to the prediction below a threshold (needs data) | any; **not implemented yet**: when enabled, every checkpoint reports it as *not evaluated* |
-| `modality-conflict` | off | reserved: gradient conflict between modalities above a threshold (needs data) | any; **not implemented yet**: reported as *not evaluated* |
+| `modality-contribution` | warning | with `--data`: a modality contributes too little to the prediction (one violation per modality, every threshold it breaks in the message) | `min_share` [0.2]: the modality's contribution share (below); `modalities` {name = share} overrides it; `value` ["accuracy"] or "probability"; `min_unimodal_accuracy` [unset]: a ratio, or {name = ratio}; `max_rho` [unset]: fail the weaker modality when the other's OGM-GE score is more than this many times its own |
+| `modality-conflict` | warning | with `--data`: the multimodal and uni-modal gradients of a modality's encoder conflict (MMPareto cosine, per batch) | `min_cos_mean` [0.0]: the mean cosine over batches below it; `max_conflict_rate` [0.5]: the share of batches with cosine <= 0 above it; `min_head_cos` [unset]: the cosine of the two uni-modal losses' gradients on the shared head below it (location `head`) |
+| `modality-contribution-drop` | error | with `--baseline` and `--data`: a modality's contribution share fell versus OLD on the same data | `max_drop` [0.05]; `modalities` {name = drop}; `value` as above; `max_accuracy_drop` [unset]: also fail when its uni-modal accuracy fell by more |
 
 Violations are located: `location` is a tensor name (`nonfinite-tensor`), a BN layer name, or
 `modality:NAME`; empty for file-level rules.
@@ -100,7 +105,8 @@ dead-channels = { max_ratio = 0.05, modalities = { audio = 0.10 }, layers = { "v
 abnormal-affine = { severity = "error", max_ratio = 0.01 }
 dead-channels-growth = { max_growth = 2 }
 possibly-dead-channels = "note"
-modality-contribution = { severity = "error", min_share = 0.2 }   # reserved: reported "not evaluated"
+modality-contribution = { severity = "error", min_share = 0.25, max_rho = 3.0 }   # with --data
+modality-conflict = { min_cos_mean = -0.05, max_conflict_rate = 0.6 }
 
 [[tool.avdiag.check.suppress]]
 path = "models/legacy/*.pt"         # glob on the path relative to the policy file's folder ('*' crosses '/')
@@ -119,6 +125,35 @@ reason = "audio encoder initialised from ImageNet; tracked in #12"   # required
 checked file, `OLD/<path relative to the folder given>` and then `OLD/<file name>` are tried. A file
 without a counterpart reports `dead-channels-growth` as *not evaluated*; a baseline that cannot be
 read is an error (exit 2), reported under `unreadable` / `unsafe-pickle` with location `baseline`.
+With `--data` as well, OLD runs on the same data and `modality-contribution-drop` compares the
+contribution shares (JSON: `files[].baseline.contribution`).
+
+### On data: `--data SPEC`
+
+With `--data`, each checkpoint's model (resolved as for `inspect --data`: the registry, or `--model`)
+runs on the data: the probe findings (`measured-dead-channels`, `layer-not-probed`) and the data rules
+are evaluated. Their figures are those of `avdiag conflict` (per-batch gradients only, no per-sample
+pass, no held-out learning state) and are in the JSON as `files[].data`: per modality
+`share_accuracy`, `share_probability`, `shapley_accuracy`, `shapley_probability`,
+`unimodal_accuracy`, `ogm_score`, `rho`, `cos_mean`, `conflict_rate`; and `fused_accuracy`,
+`empty_accuracy`, `head_cos_mean`, `n_samples`, `n_batches`. The terminal shows them in one line per
+checkpoint.
+
+The **contribution share** of a modality is its exact two-player Shapley value in the *gain* game
+`g(S) = 1[correct_S] - 1[correct_empty]` (a modality removed by zeroing its pooled feature, as in
+`avdiag conflict`), divided by the sum of both, `fused accuracy - empty-coalition accuracy`: a
+modality the fused head ignores gets 0, two modalities that contribute alike get 0.5 each, and a
+modality that hurts the prediction gets a negative share. It is computed exactly from the paper's
+sample-level values (`phi'_a = ((phi_a - phi_v) + acc_fused - acc_empty) / 2`). The paper's own game,
+`v(S) = |S| * 1[correct_S]`, is not used for thresholds because it gives a modality the head ignores
+about a quarter of the value. When the fused model does no better than its head's biases the share
+does not exist and the rule reports *not evaluated* for that modality.
+
+A checkpoint whose model cannot be built (not an audio-visual classifier the registry knows, and no
+`--model`) keeps its static verdict; its probe and data rules are *not evaluated*, with the reason. A
+data spec that cannot be opened is a usage error (exit 2). Without `--data`, the data rules are not
+checked at all, unless the policy names them: then each checkpoint reports them as *not evaluated*
+("needs data").
 
 ### Reports
 

@@ -13,7 +13,6 @@ from avdiag.check.rules import (
     _GROWTH,
     _LOAD,
     _NOTHING,
-    _RESERVED,
     _SPEC,
     ERROR,
     FAIL_ON,
@@ -240,16 +239,13 @@ def _parse_rule(rid: str, value: Any, where: str) -> Rule:
         raise UsageError(f"{where}: rules.{rid} follows on_nothing_analysed (error, violation or pass); "
                          "set that instead")
     merged = _copy_params(spec.params)
-    if spec.kind == _RESERVED:
-        merged.update(params)  # reserved: any parameter is accepted and kept
-    else:
-        for key, v in params.items():
-            if key not in spec.params and not (spec.kind == _GROWTH and key == "max_ratio_growth"):
-                known = sorted(spec.params) + (["max_ratio_growth"] if spec.kind == _GROWTH else [])
-                raise UsageError(f"{where}: rules.{rid}: unknown parameter {key!r}"
-                                 + (f" (known: {', '.join(known)})" if known else " (it takes none)"))
-            merged[key] = _validate_param(rid, spec.kind, key, v, where)
-    return Rule(rid, severity, spec.description, merged)
+    for key, v in params.items():
+        if key not in spec.params and not (spec.kind == _GROWTH and key == "max_ratio_growth"):
+            known = sorted(spec.params) + (["max_ratio_growth"] if spec.kind == _GROWTH else [])
+            raise UsageError(f"{where}: rules.{rid}: unknown parameter {key!r}"
+                             + (f" (known: {', '.join(known)})" if known else " (it takes none)"))
+        merged[key] = _validate_param(rid, spec.kind, key, v, where)
+    return Rule(rid, severity, spec.description, merged, configured=True)
 
 
 def _validate_param(rid: str, kind: str, key: str, value: Any, where: str) -> Any:
@@ -265,7 +261,26 @@ def _validate_param(rid: str, kind: str, key: str, value: Any, where: str) -> An
             raise UsageError(f"{what} must be a whole number >= 0, got {v!r}")
         return v
 
-    if key in ("max_ratio", "max_ratio_growth"):
+    def cosine(v: Any, what: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= float(v) <= 1.0:
+            raise UsageError(f"{what} must be a cosine between -1 and 1, got {v!r}")
+        return float(v)
+
+    if key in ("max_ratio", "max_ratio_growth", "min_share", "max_conflict_rate", "max_drop", "max_accuracy_drop"):
+        return ratio(value, label)
+    if key in ("min_cos_mean", "min_head_cos"):
+        return cosine(value, label)
+    if key == "value":
+        if value not in ("accuracy", "probability"):
+            raise UsageError(f"{label} must be 'accuracy' or 'probability', got {value!r}")
+        return value
+    if key == "max_rho":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 1.0:
+            raise UsageError(f"{label} must be a number >= 1 (a ratio of OGM-GE scores), got {value!r}")
+        return float(value)
+    if key == "min_unimodal_accuracy":
+        if isinstance(value, dict):
+            return {str(k): ratio(v, f"{label}.{k}") for k, v in value.items()}
         return ratio(value, label)
     if key == "max_growth":
         return count(value, label)

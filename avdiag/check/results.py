@@ -46,6 +46,7 @@ class FileReport:
     rules: list[str] = field(default_factory=list)  # the rules this entry was checked against
     not_evaluated: list[dict[str, str]] = field(default_factory=list)  # [{rule_id, reason}]
     baseline: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # the figures of the data rules (contribution, conflict)
     duration_s: float = 0.0
 
     @property
@@ -57,7 +58,7 @@ class FileReport:
                 "duration_s": round(self.duration_s, 4), "rules": list(self.rules),
                 "violations": [v.to_dict() for v in self.violations],
                 "not_evaluated": [dict(n) for n in self.not_evaluated],
-                "inspection": self.inspection, "baseline": self.baseline}
+                "inspection": self.inspection, "baseline": self.baseline, "data": self.data}
 
 
 @dataclass
@@ -70,6 +71,7 @@ class CheckResult:
     excluded: list[str] = field(default_factory=list)
     baseline: str | None = None
     duration_s: float = 0.0
+    data: str | None = None  # the data the checkpoints ran on (None: a static check)
 
     @property
     def exit_code(self) -> int:
@@ -120,6 +122,7 @@ class CheckResult:
             "tool": {"name": "avdiag", "version": __version__, "command": "check"},
             "policy": self.policy.to_dict(),
             "baseline": self.baseline,
+            "data": self.data,
             "summary": {**self.counts(), "exit_code": self.exit_code, "unmatched": list(self.unmatched),
                         "excluded": list(self.excluded), "duration_s": round(self.duration_s, 4),
                         "text": self.summary_line()},

@@ -31,9 +31,11 @@ NOTHING_ANALYSED = "nothing-analysed"
 DEAD_GROWTH = "dead-channels-growth"
 CONTRIBUTION = "modality-contribution"
 CONFLICT = "modality-conflict"
+CONTRIBUTION_DROP = "modality-contribution-drop"
 
 # Kinds of rule: how they are evaluated and what a policy may change.
-_LOAD, _NOTHING, _RATIO, _FINDING, _GROWTH, _RESERVED = "load", "nothing", "ratio", "finding", "growth", "reserved"
+_LOAD, _NOTHING, _RATIO, _FINDING, _GROWTH = "load", "nothing", "ratio", "finding", "growth"
+_DATA, _DATA_DROP = "data", "data-drop"  # need --data (and, for _DATA_DROP, --baseline)
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,24 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(F.PREDICTION_MISMATCH, _FINDING, OFF, F.RULES[F.PREDICTION_MISMATCH][1]),
     _Spec(F.MEASURED_DEAD, _FINDING, WARNING, F.RULES[F.MEASURED_DEAD][1]),
     _Spec(F.NOT_PROBED, _FINDING, WARNING, F.RULES[F.NOT_PROBED][1]),
-    _Spec(CONTRIBUTION, _RESERVED, OFF, "reserved: a modality's contribution to the prediction below a threshold "
-                                        "(not implemented yet: reported as not evaluated)"),
-    _Spec(CONFLICT, _RESERVED, OFF, "reserved: gradient conflict between modalities above a threshold "
-                                    "(not implemented yet: reported as not evaluated)"),
+    _Spec(CONTRIBUTION, _DATA, WARNING, "a modality contributes too little to the prediction on the data "
+                                        "(Shapley share, uni-modal accuracy, OGM-GE rho)",
+          {"min_share": 0.2, "value": "accuracy", "modalities": {}, "min_unimodal_accuracy": None,
+           "max_rho": None}),
+    _Spec(CONFLICT, _DATA, WARNING, "the multimodal and uni-modal gradients of a modality's encoder conflict on "
+                                    "the data (MMPareto cosine)",
+          {"min_cos_mean": 0.0, "max_conflict_rate": 0.5, "min_head_cos": None}),
+    _Spec(CONTRIBUTION_DROP, _DATA_DROP, ERROR, "a modality's contribution fell versus the baseline on the same "
+                                                "data", {"max_drop": 0.05, "value": "accuracy", "modalities": {},
+                                                         "max_accuracy_drop": None}),
 )
 _SPEC = {s.id: s for s in _SPECS}
 RULE_IDS: tuple[str, ...] = tuple(s.id for s in _SPECS)
 # Rules that a suppression may silence: what a checkpoint holds, not whether it could be read.
-SUPPRESSIBLE = frozenset(s.id for s in _SPECS if s.kind in (_RATIO, _FINDING, _GROWTH, _RESERVED))
+SUPPRESSIBLE = frozenset(s.id for s in _SPECS if s.kind in (_RATIO, _FINDING, _GROWTH, _DATA, _DATA_DROP))
 
 
 _PROBE_ONLY = frozenset({F.MEASURED_DEAD, F.NOT_PROBED, F.PREDICTION_MISMATCH})  # need inspect's probe (data)
-from avdiag import __version__  # noqa: E402
-_NOT_IMPLEMENTED = f"not implemented in avdiag {__version__} (reserved rule id)"
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Rule:
     severity: str
     description: str
     params: dict[str, Any] = field(default_factory=dict)
+    configured: bool = False  # named in the policy file (not just a default)
 
     @property
     def enabled(self) -> bool:

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from avdiag import findings as F
+from avdiag.check import data as data_rules
 from avdiag.check.paths import _display, _expand, _path_keys, _Target
 from avdiag.check.policy import Policy
 from avdiag.check.results import CheckResult, FileReport, Violation, fingerprint
 from avdiag.check.rules import (
     _FINDING,
     _LOAD,
-    _NOT_IMPLEMENTED,
     _NOTHING,
     _PROBE_ONLY,
     _RANK,
     _RATIO,
-    _RESERVED,
+    _DATA,
+    _DATA_DROP,
     _SPEC,
     ANALYSIS_ERROR,
+    CONFLICT,
+    CONTRIBUTION,
+    CONTRIBUTION_DROP,
     DEAD_GROWTH,
     LFS_POINTER,
     NOTHING_ANALYSED,
@@ -40,18 +45,24 @@ from avdiag.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
+from avdiag.locate.resolve import ModelError
+from avdiag.measure.contribution import OGM_ALPHA
 
 
 def check_paths(paths: list[str], policy: Policy | None = None, *, baseline: str | None = None,
                 allow_globals: tuple[str, ...] | list[str] = (), progress: bool = False,
-                inspect_kwargs: dict[str, Any] | None = None) -> CheckResult:
+                inspect_kwargs: dict[str, Any] | None = None, data: Any = None,
+                ogm_alpha: float = OGM_ALPHA) -> CheckResult:
     """Check every checkpoint that ``paths`` (files, folders, globs) name against ``policy``.
 
     ``policy`` defaults to :meth:`Policy.load` in the current directory. ``baseline``: a checkpoint
-    (when one is checked) or a folder of same-named checkpoints to compare dead channels with.
-    ``inspect_kwargs`` go to :func:`avdiag.inspect_checkpoint` over the policy's ``[inspect]`` table
-    (``unsafe`` is refused). Problems with single files never raise: they become violations. Raises
-    :class:`UsageError` for bad arguments (no paths, a missing baseline, ...).
+    (when one is checked) or a folder of same-named checkpoints to compare dead channels (and, with
+    data, contributions) with. ``inspect_kwargs`` go to :func:`avdiag.inspect_checkpoint` over the
+    policy's ``[inspect]`` table (``unsafe`` is refused). ``data``
+    (:class:`avdiag.inspection.ProbeOptions`): run each checkpoint's model on it, for the probe
+    findings and the data rules (contribution, conflict; ``ogm_alpha`` for OGM-GE). Problems with
+    single files never raise: they become violations. Raises :class:`UsageError` for bad arguments
+    (no paths, a missing baseline, data that cannot be opened...).
     """
     from avdiag.report.progress import progress_bar
 
@@ -62,25 +73,23 @@ def check_paths(paths: list[str], policy: Policy | None = None, *, baseline: str
     kwargs = {**policy.inspect_kwargs(), **(inspect_kwargs or {})}
     if kwargs.pop("unsafe", False):
         raise UsageError("check never loads with full pickle (--unsafe is not available here)")
+    if data is not None:
+        kwargs["probe"] = data = _open_data(data)
     allow = tuple(dict.fromkeys([*policy.allow_globals, *allow_globals]))
     items = _expand([str(p) for p in paths])
     excluded = [_display(it.path) for kind, it in items if kind == "file" and policy.is_excluded(it.path)]
     items = [(kind, it) for kind, it in items if not (kind == "file" and policy.is_excluded(it.path))]
     targets = [it for kind, it in items if kind == "file"]
-    base = _Baseline(baseline, len(targets), allow, kwargs) if baseline is not None else None
-
-    rules = [r.id for r in policy.enabled((_LOAD, _NOTHING, _FINDING, _RATIO))
-             if r.id not in _PROBE_ONLY or kwargs.get("probe") is not None]
-    if base is not None and policy.rules[DEAD_GROWTH].enabled:
-        rules.append(DEAD_GROWTH)
-    rules += [r.id for r in policy.enabled((_RESERVED,))]
+    static_kwargs = {k: v for k, v in kwargs.items() if k != "probe"}
+    base = _Baseline(baseline, len(targets), allow, static_kwargs) if baseline is not None else None
+    run = _Run(policy, kwargs, static_kwargs, allow, base, data, ogm_alpha)
 
     reports: list[FileReport] = []
     unmatched: list[str] = []
     with progress_bar(len(targets), "checking", enabled=progress and bool(targets)) as advance:
         for kind, item in items:
             if kind == "file":
-                reports.append(_check_one(item, policy, kwargs, allow, base, rules))
+                reports.append(run.check(item))
                 advance(1)
             else:
                 pattern, reason = item
@@ -90,7 +99,16 @@ def check_paths(paths: list[str], policy: Policy | None = None, *, baseline: str
         reports.append(_nothing_report(".", f"every path given is excluded by the policy ({len(excluded)} "
                                        "checkpoint(s)): nothing was analysed", policy, "run"))
     return CheckResult(reports, unmatched, policy, excluded, _display(baseline) if baseline else None,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, data=run.data_name)
+
+
+def _open_data(data: Any) -> Any:
+    """``data`` with its dataset opened once for every checkpoint (a bad spec is a usage error)."""
+    from avdiag.data import DataOptions, open_dataset
+
+    if not isinstance(data.data, str):
+        return data
+    return replace(data, data=open_dataset(data.data, split=data.split, options=data.data_options or DataOptions()))
 
 
 class _Baseline:
@@ -106,6 +124,7 @@ class _Baseline:
                              "holding same-named checkpoints")
         self.allow, self.kwargs = allow, kwargs
         self.cache: dict[Path, Any] = {}
+        self.figures_cache: dict[Path, Any] = {}
 
     def counterpart(self, target: _Target) -> Path | None:
         if self.single:
@@ -131,42 +150,140 @@ class _Baseline:
                 self.cache[key] = e
         return self.cache[key]
 
+    def figures(self, path: Path, data: Any, ogm_alpha: float):
+        """The data figures of ``path``, or the exception that computing them raised."""
+        key = path.resolve()
+        if key not in self.figures_cache:
+            try:
+                self.figures_cache[key] = data_rules.analyse(path, data, self.allow, ogm_alpha)
+            except Exception as e:  # noqa: BLE001 - reported, never raised
+                self.figures_cache[key] = e
+        return self.figures_cache[key]
 
-def _check_one(target: _Target, policy: Policy, kwargs: dict[str, Any], allow: tuple[str, ...],
-               base: _Baseline | None, rules: list[str]) -> FileReport:
-    from avdiag.inspection import inspect_checkpoint
 
-    start = time.perf_counter()
-    shown = _display(target.path)
-    keys = _path_keys(target.path, policy.root)
-    report = FileReport(path=shown, status="pass", rules=list(rules))
-    try:
-        result = inspect_checkpoint(target.path, allow_globals=allow, **kwargs)
-    except Exception as e:  # noqa: BLE001 - one bad file never stops the run
-        rule_id, message = _classify(e, target.path)
-        for prefix in (f"{target.path}: ", f"{shown}: "):
-            if message.startswith(prefix):  # the report names the file already
-                message = message[len(prefix):]
-                break
-        report.violations.append(_load_violation(rule_id, shown, "", message, policy))
-        report.error = message
-    else:
-        report.inspection = _inspection_summary(result)
-        report.violations.extend(_evaluate(result, policy, shown))
-        if base is not None:
-            _compare_baseline(report, result, target, base, policy)
-        for rule in policy.enabled((_RESERVED,)):
-            report.not_evaluated.append({"rule_id": rule.id, "reason": _NOT_IMPLEMENTED})
-    for v in report.violations:
-        if v.outcome == OUTCOME_ERROR or v.suppressed is not None:
-            continue
-        for s in policy.suppressions:
-            if s.matches(v.rule_id, keys, v.location):
-                v.suppressed, v.outcome = s.reason, OUTCOME_REPORT
-                break
-    report.status = _status(report.violations)
-    report.duration_s = time.perf_counter() - start
-    return report
+class _Run:
+    """One `check` run: the policy, the inspect settings, the baseline and the data, applied per file."""
+
+    def __init__(self, policy: Policy, kwargs: dict[str, Any], static_kwargs: dict[str, Any],
+                 allow: tuple[str, ...], base: _Baseline | None, data: Any, ogm_alpha: float):
+        self.policy, self.kwargs, self.static_kwargs, self.allow = policy, kwargs, static_kwargs, allow
+        self.base, self.data, self.ogm_alpha = base, data, ogm_alpha
+        self.data_name = getattr(data.data, "name", str(data.data)) if data is not None else None
+        rules = [r.id for r in policy.enabled((_LOAD, _NOTHING, _FINDING, _RATIO))
+                 if r.id not in _PROBE_ONLY or data is not None]
+        if base is not None and policy.rules[DEAD_GROWTH].enabled:
+            rules.append(DEAD_GROWTH)
+        self.data_rules = policy.enabled((_DATA,))
+        drop = policy.rules[CONTRIBUTION_DROP]
+        self.drop = drop if drop.enabled and base is not None and data is not None else None
+        # a data rule that cannot run is listed (as not evaluated) only when the policy names it
+        self.needs: dict[str, str] = {}
+        if data is None:
+            self.needs = {r.id: "needs data: run check with --data" for r in self.data_rules if r.configured}
+            self.data_rules = []
+        if drop.enabled and drop.configured and self.drop is None:
+            self.needs[drop.id] = "needs --baseline and --data"
+        rules += [r.id for r in self.data_rules] + ([self.drop.id] if self.drop else []) + list(self.needs)
+        self.rules = rules
+
+    def check(self, target: _Target) -> FileReport:
+        start = time.perf_counter()
+        policy = self.policy
+        shown = _display(target.path)
+        report = FileReport(path=shown, status="pass", rules=list(self.rules))
+        try:
+            result, no_model = self._inspect(target.path)
+        except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+            rule_id, message = _classify(e, target.path)
+            message = _strip_path(message, target.path, shown)
+            report.violations.append(_load_violation(rule_id, shown, "", message, policy))
+            report.error = message
+        else:
+            report.inspection = _inspection_summary(result)
+            report.violations.extend(_evaluate(result, policy, shown))
+            if self.base is not None:
+                _compare_baseline(report, result, target, self.base, policy)
+            if no_model is not None:
+                report.not_evaluated += [{"rule_id": rid, "reason": no_model} for rid in self.rules
+                                         if rid in _PROBE_ONLY or policy.rules[rid].kind in (_DATA, _DATA_DROP)]
+            elif self.data_rules or self.drop:
+                self._evaluate_data(report, target)
+            report.not_evaluated += [{"rule_id": rid, "reason": why} for rid, why in self.needs.items()]
+        keys = _path_keys(target.path, policy.root)
+        for v in report.violations:
+            if v.outcome == OUTCOME_ERROR or v.suppressed is not None:
+                continue
+            for s in policy.suppressions:
+                if s.matches(v.rule_id, keys, v.location):
+                    v.suppressed, v.outcome = s.reason, OUTCOME_REPORT
+                    break
+        report.status = _status(report.violations)
+        report.duration_s = time.perf_counter() - start
+        return report
+
+    def _inspect(self, path: Path):
+        """(inspection, None), or (static inspection, why the model could not be run on the data)."""
+        from avdiag.inspection import inspect_checkpoint
+
+        try:
+            return inspect_checkpoint(path, allow_globals=self.allow, **self.kwargs), None
+        except ModelError as e:
+            if self.data is None:
+                raise
+            reason = f"no model to run on the data: {_strip_path(' '.join(str(e).split()), path, _display(path))}"
+        return inspect_checkpoint(path, allow_globals=self.allow, **self.static_kwargs), reason
+
+    def _evaluate_data(self, report: FileReport, target: _Target) -> None:
+        ids = [r.id for r in self.data_rules] + ([self.drop.id] if self.drop else [])
+        try:
+            fig = data_rules.analyse(target.path, self.data, self.allow, self.ogm_alpha)
+        except ModelError as e:
+            reason = _strip_path(" ".join(str(e).split()), target.path, report.path)
+            report.not_evaluated += [{"rule_id": rid, "reason": f"no contribution/conflict analysis: {reason}"}
+                                     for rid in ids]
+            return
+        except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+            _, message = _classify(e, target.path)
+            report.violations.append(_load_violation(ANALYSIS_ERROR, report.path, "data", "contribution/conflict "
+                                                     f"analysis on the data failed: {message}", policy=self.policy,
+                                                     location_kind="data"))
+            return
+        report.data = fig.to_dict()
+        checks = {CONTRIBUTION: data_rules.contribution_findings, CONFLICT: data_rules.conflict_findings}
+        for rule in self.data_rules:
+            found, skipped = checks[rule.id](rule, fig)
+            for location, message in found:
+                kind = "modality" if location.startswith("modality:") else "layer"
+                report.violations.append(_violation(rule, report.path, location, kind, message, self.policy))
+            report.not_evaluated += [{"rule_id": rule.id, "reason": why} for why in skipped]
+        if self.drop:
+            self._compare_contribution(report, target, fig)
+
+    def _compare_contribution(self, report: FileReport, target: _Target, fig) -> None:
+        rule = self.drop
+        old_path = self.base.counterpart(target)
+        if old_path is None:
+            report.not_evaluated.append({"rule_id": rule.id, "reason": "no baseline: neither a same-named file nor "
+                                         f"the same relative path under {_display(self.base.path)}"})
+            return
+        old = self.base.figures(old_path, self.data, self.ogm_alpha)
+        if isinstance(old, BaseException):
+            _, message = _classify(old, old_path)
+            report.not_evaluated.append({"rule_id": rule.id, "reason": f"baseline {_display(old_path)} could not be "
+                                         f"analysed on the data: {message}"})
+            return
+        found, skipped, summary = data_rules.drop_findings(rule, fig, old, _display(old_path))
+        for location, message in found:
+            report.violations.append(_violation(rule, report.path, location, "modality", message, self.policy))
+        report.not_evaluated += [{"rule_id": rule.id, "reason": why} for why in skipped]
+        report.baseline = {**(report.baseline or {"path": _display(old_path)}), "contribution": summary}
+
+
+def _strip_path(message: str, path: Path, shown: str) -> str:
+    for prefix in (f"{path}: ", f"{shown}: "):
+        if message.startswith(prefix):  # the report names the file already
+            return message[len(prefix):]
+    return message
 
 
 def _status(violations: list[Violation]) -> str:

@@ -58,6 +58,8 @@ def render_check(result: CheckResult, console: Console, quiet: bool = False) -> 
             detail = f.error if f.error else (f.inspection or {}).get("text", "")
             console.print(f"[{style}]{label:5}[/] {escape(f.path.ljust(width))}  {escape(detail or '')}",
                           highlight=False, soft_wrap=True)
+            if f.data:
+                console.print(f"      [dim]{escape(_data_line(f.data))}[/]", highlight=False, soft_wrap=True)
             shown = [v for v in f.violations if not (f.error and v.message == f.error)]
             for v in shown:
                 console.print("      " + _violation_markup(v), highlight=False, soft_wrap=True)
@@ -70,6 +72,17 @@ def render_check(result: CheckResult, console: Console, quiet: bool = False) -> 
             console.print(f"[dim]policy: {escape(result.policy.source)}[/]", highlight=False)
     style = {0: "bold green", 1: "bold red", 2: "bold magenta"}[result.exit_code]
     console.print(f"[{style}]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
+
+
+def _data_line(d: dict) -> str:
+    """The figures of the data rules in one line: per modality Shapley share, uni-modal accuracy, cosine."""
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    parts = [f"{m}: share {num(x.get('share_accuracy'), '.2f')}, uni-modal acc {num(x.get('unimodal_accuracy'), '.2f')}"
+             f", cos {num(x.get('cos_mean'), '+.3f')}" for m, x in d.get("modalities", {}).items()]
+    return (f"on {d.get('data')} ({d.get('n_samples')} samples, fused acc {num(d.get('fused_accuracy'), '.2f')}): "
+            + "; ".join(parts))
 
 
 def _violation_markup(v: Violation) -> str:
@@ -92,7 +105,7 @@ def junit_xml(result: CheckResult) -> str:
     """JUnit XML: a testsuite per checkpoint (or unmatched path), a testcase per rule checked.
 
     A testcase has a ``failure`` when the rule's violations fail the run, an ``error`` when the file
-    could not be analysed, ``skipped`` when the rule was not evaluated (a reserved rule, no baseline,
+    could not be analysed, ``skipped`` when the rule was not evaluated (a data rule without data, no baseline,
     or a file that could not be loaded), and its non-failing violations (warnings below ``fail_on``,
     notes, suppressed ones) in ``system-out``.
     """

@@ -653,8 +653,45 @@ def _conflict(res: dict, anchor: str) -> Section:
     return section
 
 
+def _check(res: dict, anchor: str) -> Section:
+    summary = _d(res.get("summary"))
+    files = [f for f in _l(res.get("files")) if isinstance(f, dict)]
+    title = f"check: {fmt_num(summary.get('n_checkpoints'))} checkpoint(s)" + (
+        f" on {res['data']}" if res.get("data") else "")
+    section = Section(anchor, "check", title)
+    blocks = section.blocks
+    blocks.append(Text(str(summary.get("text") or "check"), "summary"))
+    blocks.append(Table("Checkpoints", ["path", "status", "violations", "not evaluated", "summary"],
+                        [[str(f.get("path")), str(f.get("status")), fmt_num(len(_l(f.get("violations")))),
+                          fmt_num(len(_l(f.get("not_evaluated")))),
+                          str(f.get("error") or _d(f.get("inspection")).get("text") or "")] for f in files],
+                        "clrrl"))
+    violations = [_d(v) for f in files for v in _l(f.get("violations"))]
+    if violations:
+        blocks.append(Table("Violations", ["severity", "rule", "path", "location", "message", "outcome"],
+                            [[str(v.get("severity")), str(v.get("rule_id")), str(v.get("path")), str(v.get("location")),
+                              str(v.get("message")), "suppressed: " + str(v.get("suppression_reason"))
+                              if v.get("suppressed") else str(v.get("outcome"))] for v in violations], "sccclc"))
+    skipped = [(str(f.get("path")), _d(n)) for f in files for n in _l(f.get("not_evaluated"))]
+    if skipped:
+        blocks.append(Table("Not evaluated", ["path", "rule", "reason"],
+                            [[path, str(n.get("rule_id")), str(n.get("reason"))] for path, n in skipped], "ccl"))
+    with_data = [f for f in files if isinstance(f.get("data"), dict)]
+    if with_data:
+        rows = [[str(f.get("path")), m, fmt_num(x.get("share_accuracy")), fmt_num(x.get("unimodal_accuracy")),
+                 fmt_num(x.get("rho")), fmt_num(x.get("cos_mean")), fmt_pct(x.get("conflict_rate"))]
+                for f in with_data for m, x in _d(f["data"].get("modalities")).items() if isinstance(x, dict)]
+        blocks.append(Table("On the data", ["path", "modality", "contribution share", "uni-modal acc", "OGM rho",
+                                            "cos mean", "conflict rate"], rows, "clrrrrr", collapsed=False))
+        blocks.append(Chart("check-shares", "Contribution share per checkpoint",
+                            "Each modality's Shapley share of the gain over the head's biases (0: ignored, 0.5: "
+                            "balanced); the dashed line is the policy's min_share.",
+                            lambda: plots.check_shares(res)))
+    return section
+
+
 _BUILDERS: dict[str, Callable[[dict, str], Section]] = {"inspect": _inspect, "reinit": _reinit, "diff": _diff,
-                                                        "conflict": _conflict}
+                                                        "conflict": _conflict, "check": _check}
 
 
 # ---- HTML ----------------------------------------------------------------------------------------

@@ -610,3 +610,37 @@ def contribution_bars(result: dict) -> bytes | None:
         ax.set_title("contribution per modality")
         ax.legend(loc="upper right")
         return _png(fig)
+
+
+def check_shares(result: dict) -> bytes | None:
+    """`avdiag check --data`: the contribution share of each modality, one group of bars per
+    checkpoint, with the policy's ``min_share`` as a dashed line."""
+    files = [f for f in _list(result.get("files")) if isinstance(_dict(f).get("data"), dict)]
+    if not files:
+        return None
+    modalities = list(dict.fromkeys(m for f in files for m in _dict(f["data"].get("modalities"))))
+    rule = _dict(_dict(_dict(result.get("policy")).get("rules")).get("modality-contribution"))
+    limit = as_float(_dict(rule.get("params")).get("min_share"))
+    with _style():
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+        x = np.arange(len(files))
+        width = 0.8 / max(1, len(modalities))
+        for i, m in enumerate(modalities):
+            values = [as_float(_dict(_dict(f["data"].get("modalities")).get(m)).get("share_accuracy")) for f in files]
+            bars = ax.bar(x + (i - (len(modalities) - 1) / 2) * width, [v if v is not None else 0.0 for v in values],
+                          width=width, label=m, color=modality_color(m, i))
+            ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        if limit is not None and rule.get("severity") != "off":
+            ax.axhline(limit, color="#c44e52", linestyle="--", linewidth=1, label=f"min_share {limit:g}")
+        ax.axhline(0, color="#333333", linewidth=0.8)
+        ax.set_ylim(top=1.3)  # room for the legend above the bars (shares are at most 1 unless one modality hurts)
+        paths = [str(f.get("path")) for f in files]
+        names = [p.rsplit("/", 1)[-1] for p in paths]
+        ax.set_xticks(x, names if len(set(names)) == len(names) else paths, rotation=15 if len(files) > 3 else 0,
+                      ha="right" if len(files) > 3 else "center")
+        ax.set_title("contribution share per checkpoint")
+        ax.legend(loc="upper center", ncol=len(modalities) + 1)
+        return _png(fig)
