@@ -269,3 +269,26 @@ def test_check_report_shows_the_data_figures(ckpts, tmp_path, capsys):
     main(["check", *paths, "--data", DATA, "--split", "test", "--batch-size", "64", "--device", "cpu",
           "--report", str(md), "-q"])
     assert "contribution share" in md.read_text()
+
+
+def test_data_violations_in_sarif_and_junit(ckpts):
+    jsonschema = pytest.importorskip("jsonschema")
+    from avdiag.report.ci import sarif
+
+    schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
+    policy = _policy({"modality-contribution": "error", "modality-conflict": {"min_cos_mean": 1.0}})
+    result = check_paths([str(ckpts["audio_dom"]), str(ckpts["cut"])], policy, data=_data())
+    log = sarif(result)
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(log))
+    results = log["runs"][0]["results"]
+    contribution = [r for r in results if r["ruleId"] == "modality-contribution"]
+    assert {r["locations"][0]["logicalLocations"][0]["fullyQualifiedName"] for r in contribution} == {"modality:visual"}
+    assert {r["level"] for r in contribution} == {"error"}
+    fingerprints = [r["partialFingerprints"]["avdiag/v1"] for r in results]
+    assert len(fingerprints) == len(set(fingerprints))  # one violation per rule, file and location
+    suites = ET.fromstring(junit_xml(result)).findall("testsuite")
+    for suite in suites:
+        cases = {c.get("name"): c for c in suite.iter("testcase")}
+        assert cases["modality-contribution"].find("failure") is not None
+        assert cases["modality-conflict"].find("system-out") is not None  # a warning: shown, not failing
+    assert result.exit_code == 1
