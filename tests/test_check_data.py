@@ -292,3 +292,11 @@ def test_data_violations_in_sarif_and_junit(ckpts):
         assert cases["modality-contribution"].find("failure") is not None
         assert cases["modality-conflict"].find("system-out") is not None  # a warning: shown, not failing
     assert result.exit_code == 1
+
+
+def test_data_without_both_modalities_leaves_the_data_rules_not_evaluated(ckpts):
+    data = ProbeOptions("synthetic:n=8,classes=4,visual=none", split="test", batch_size=8, device="cpu")
+    result = check_paths([str(ckpts["balanced"])], Policy(), data=data)
+    reasons = {n["rule_id"]: n["reason"] for n in result.files[0].not_evaluated}
+    assert set(reasons) >= {"modality-contribution", "modality-conflict"}
+    assert "visual" in reasons["modality-contribution"] and result.exit_code == 0

@@ -235,6 +235,11 @@ class _Run:
 
     def _evaluate_data(self, report: FileReport, target: _Target) -> None:
         ids = [r.id for r in self.data_rules] + ([self.drop.id] if self.drop else [])
+        missing = [m for m in ("audio", "visual") if m not in getattr(self.data.data, "modalities", ("audio", "visual"))]
+        if missing:
+            report.not_evaluated += [{"rule_id": rid, "reason": f"the data has no {' or '.join(missing)}: contribution "
+                                      "and conflict need both modalities"} for rid in ids]
+            return
         try:
             fig = data_rules.analyse(target.path, self.data, self.allow, self.ogm_alpha)
         except ModelError as e:
