@@ -107,6 +107,7 @@ MODALITIES = ("audio", "visual")
 MMPARETO_GAMMA = 1.5
 MMPARETO_CLIP = (0.001, 0.999)
 DEFAULT_MEMORY_BYTES = 256 * 2**20  # per-sample temporaries per chunk
+_DIRECT_MIN_POSITIONS = 256  # see _conv_products
 NO_SHARED = "no shared parameters"
 _F64 = torch.float64
 
@@ -688,27 +689,31 @@ def _conv_products(mod: nn.Conv2d, x: torch.Tensor, d1: torch.Tensor, d2: torch.
     per_sample = k * length + (4 * length * length if ghost else 2 * cout * k) + 4 * cout * length
     c = _chunk(n, per_sample, memory_bytes)
     padding = (0, 0) if mod.padding == "valid" else mod.padding
+    # on a CPU, per-sample weight gradients from one weight-only convolution backward per sample
+    # beat im2col + bmm once a sample has a few hundred positions (no im2col copy to write)
+    direct = not ghost and x.device.type == "cpu" and length >= _DIRECT_MIN_POSITIONS
     out = []
     for s in range(0, n, c):
         e = min(n, s + c)
         m = e - s
-        u = _im2col(x[s * r:e * r], mod.kernel_size, mod.stride, padding, mod.dilation)
-        if r > 1:
-            u = u.reshape(m, r, k, -1).transpose(1, 2)
-        u = u.reshape(m, k, length)  # (m, K, positions)
-        dd = torch.cat([d1[s * r:e * r], d2[s * r:e * r]], 1).reshape(m, r, 2 * cout, -1)
+        rows = torch.cat([d1[s * r:e * r], d2[s * r:e * r]], 1)
+        dd = rows.reshape(m, r, 2 * cout, -1)
         if r > 1:
             dd = dd.transpose(1, 2)
         dd = dd.reshape(m, 2 * cout, length)  # (m, [delta1; delta2], positions)
+        if direct:
+            g = _direct_wgrads(mod, x[s * r:e * r], rows, r, padding)  # (m, 2 Cout, K)
+        elif not ghost:
+            g = torch.bmm(dd, _unfold(mod, x[s * r:e * r], m, r, padding).transpose(1, 2))
         if ghost:
+            u = _unfold(mod, x[s * r:e * r], m, r, padding)
             gram_x = torch.bmm(u.transpose(1, 2), u)  # (m, L, L)
             g1, g2 = dd[:, :cout], dd[:, cout:]
             res = torch.stack([
                 (torch.bmm(g1.transpose(1, 2), g2) * gram_x).sum((1, 2)),
                 (torch.bmm(g1.transpose(1, 2), g1) * gram_x).sum((1, 2)),
                 (torch.bmm(g2.transpose(1, 2), g2) * gram_x).sum((1, 2))], 1).to(_F64)
-        else:
-            g = torch.bmm(dd, u.transpose(1, 2))  # (m, 2 Cout, K): per-sample weight gradients
+        else:  # g: (m, 2 Cout, K), the per-sample weight gradients
             res = _gram3(g[:, :cout], g[:, cout:])
             if grads is not None:
                 grads.add(mod.weight, g[:, :cout], g[:, cout:], s)
@@ -725,6 +730,25 @@ def _conv_products(mod: nn.Conv2d, x: torch.Tensor, d1: torch.Tensor, d2: torch.
             mod.stride, padding, mod.dilation, False, (0, 0), 1, (False, True, False))[1]
         grads.set(mod.weight, wgrad[:cout], wgrad[cout:])
     return torch.cat(out)
+
+
+def _unfold(mod: nn.Conv2d, x: torch.Tensor, m: int, r: int, padding) -> torch.Tensor:
+    """(m, K, positions): the im2col columns of ``m`` samples of ``r`` frames each."""
+    k = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+    u = _im2col(x, mod.kernel_size, mod.stride, padding, mod.dilation)
+    if r > 1:
+        u = u.reshape(m, r, k, -1).transpose(1, 2)
+    return u.reshape(m, k, -1)
+
+
+def _direct_wgrads(mod: nn.Conv2d, x: torch.Tensor, dd: torch.Tensor, r: int, padding) -> torch.Tensor:
+    """(m, 2 Cout, K) per-sample weight gradients for the cotangents ``dd`` = [delta1; delta2]
+    (rows of ``r`` frames per sample), one weight-only convolution backward per sample."""
+    w2 = torch.cat([mod.weight.detach(), mod.weight.detach()])
+    out = [torch.ops.aten.convolution_backward(dd[i:i + r], x[i:i + r], w2, None, mod.stride, padding, mod.dilation,
+                                               False, (0, 0), 1, (False, True, False))[1]
+           for i in range(0, x.shape[0], r)]
+    return torch.stack(out).flatten(2)
 
 
 def _linear_products(mod: nn.Linear, x: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, n: int,
