@@ -49,7 +49,9 @@ the per-batch figures follow ``train_mode``. Two exact engines:
   backward passes to the module outputs (cotangents: the per-sample loss gradients at the pooled
   features), then per sample and module the inner products ``<G1_i, G2_i>``, ``|G1_i|^2``,
   ``|G2_i|^2`` of the per-sample weight gradients: for a convolution either by forming
-  ``G_i = delta_i unfold(x_i)^T`` or, when cheaper (small feature maps), without forming it, as
+  ``G_i = delta_i unfold(x_i)^T`` (on a CPU, from a few hundred positions per sample up, by one
+  weight-only convolution backward per sample instead, which writes no im2col copy) or, when
+  cheaper (small feature maps), without forming it, as
   ``sum_pq (delta1_p . delta2_q)(x_p . x_q)`` over positions ``p, q`` (Goodfellow's trick extended to
   convolutions). No per-sample gradient of the whole encoder is ever held; samples are processed in
   chunks sized by ``memory_bytes``. The visual encoder sees the ``T`` frames of a clip folded into
