@@ -242,6 +242,16 @@ def _layer_ticks(ax, names: list[str], ncols: int) -> None:
     ax.set_xlim(-0.7, n - 0.3)
 
 
+def _count_panel(ax, i: int, ncols: int, names: list[str], ylabel: str, legend_loc: str) -> None:
+    """Layer ticks, integer y axis, the y label on the first column and the legend on the first panel."""
+    _layer_ticks(ax, names, ncols)
+    if i % ncols == 0:
+        ax.set_ylabel(ylabel)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    if i == 0:
+        ax.legend(loc=legend_loc)
+
+
 def _note(ax, text: str) -> None:
     ax.text(0.99, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#444444",
             bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
@@ -414,12 +424,8 @@ def measured_vs_predicted(result: dict) -> bytes | None:
                 p, r = as_float(agree.get("precision")), as_float(agree.get("recall"))
                 scores = f" (P {_two(p)}, R {_two(r)})"
             ax.set_title(f"{m}: predicted {int(predicted.sum())}, measured {int(measured.sum())}{scores}")
-            _layer_ticks(ax, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers], ncols)
-            if i % ncols == 0:
-                ax.set_ylabel("dead channels")
-            ax.yaxis.get_major_locator().set_params(integer=True)
-            if i == 0:
-                ax.legend(loc="upper left")
+            _count_panel(ax, i, ncols, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
+                         "dead channels", "upper left")
         return _png(fig)
 
 
@@ -474,12 +480,8 @@ def diff_layers(result: dict) -> bytes | None:
                 ax.plot(x[hit], changed[hit], linestyle="none", marker="x", markersize=4, color="#222222",
                         label="channels changed")
             ax.set_title(f"{m}: dead {int(before.sum())} → {int(after.sum())}, {died} died, {revived} revived")
-            _layer_ticks(ax, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers], ncols)
-            if i % ncols == 0:
-                ax.set_ylabel("channels")
-            ax.yaxis.get_major_locator().set_params(integer=True)
-            if i == 0:
-                ax.legend(loc="upper right")
+            _count_panel(ax, i, ncols, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
+                         "channels", "upper right")
         axes[0].set_ylim(bottom=0)
         return _png(fig)
 
