@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.errors import EXIT_ERROR, EXIT_OK, AvdiagError, UsageError
 from avdiag.measure.probe import ProbeThresholds
 from avdiag.measure.thresholds import ABNORMAL_PRESETS, Thresholds

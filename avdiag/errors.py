@@ -1,4 +1,5 @@
-"""Errors that the CLI turns into one line on stderr and a documented exit code."""
+"""Every error avdiag raises on bad input, in one place; the CLI turns each into one line on stderr
+and the exit code it carries (0 analysed, 1 policy violations, 2 unreadable / refused / usage error)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ class UnsafeCheckpointError(AvdiagError):
 
 class NothingToAnalyseError(AvdiagError):
     """The checkpoint holds no tensors at all."""
+
+
+class DataError(AvdiagError):
+    """A dataset that is missing, malformed or unsafe; the message is one line naming what and where."""
+
+
+class ModelError(AvdiagError):
+    """The model behind a checkpoint could not be built, loaded or run on the data."""
+
+
+class VerificationError(AvdiagError):
+    """A rewritten checkpoint does not hold what was intended (nothing is written)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.inspection import ProbeOptions, pick_device
 from avdiag.load import load_checkpoint
 from avdiag.locate import locate

@@ -22,7 +22,7 @@ from avdiag.measure.contribution import (
 )
 from avdiag.models import MMParetoClassifier, OGMGEClassifier, resnet18
 from avdiag.models.parts import AVParts, av_parts
-from avdiag.rewrite.relearn import cluster_purity
+from avdiag.measure.learning_state import cluster_purity
 
 TOL = 1e-5
 SPEC = "synthetic:n=40,classes=4,seed=0"

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.check.policy import Policy
 from avdiag.check.rules import OUTCOME_FAIL, OUTCOME_REPORT, SCHEMA_VERSION, SEVERITIES
 

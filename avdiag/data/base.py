@@ -23,16 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from avdiag.errors import AvdiagError
+from avdiag.errors import DataError
 
 MODALITIES = ("audio", "visual")
 SPLITS = ("train", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(AvdiagError):
-    """A dataset that is missing, malformed or unsafe; the message is one line naming what and where."""
 
 
 @dataclass(frozen=True)

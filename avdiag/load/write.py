@@ -94,7 +94,7 @@ class Provenance:
     @classmethod
     def for_checkpoint(cls, ckpt: Checkpoint, method: str, parameters: dict | None = None) -> "Provenance":
         """A record for rewriting ``ckpt``: hashes its file(s) and takes avdiag's version."""
-        from avdiag import __version__
+        from avdiag._version import __version__
         from avdiag.load import sha256_of
 
         return cls(method, dict(parameters or {}), sha256_of(ckpt.files) if ckpt.files else None, __version__)

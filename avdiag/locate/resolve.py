@@ -16,14 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from avdiag.errors import AvdiagError
+from avdiag.errors import AvdiagError, ModelError
 from avdiag.load import Checkpoint
 from avdiag.locate.modality import MODALITY_WORDS, Layout
 from avdiag.models.registry import ArchSpec, build, spec_from_checkpoint
-
-
-class ModelError(AvdiagError):
-    """The model behind a checkpoint could not be built or loaded."""
 
 
 @dataclass

@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avdiag.measure.static import json_float
-from avdiag.models.av import _audio_features, _visual_features
+from avdiag.models.av import audio_features, visual_features
 from avdiag.models.parts import AVParts
 
 __all__ = [
@@ -828,7 +828,7 @@ class _Features(nn.Module):
     def __init__(self, enc: nn.Module, modality: str):
         super().__init__()
         self.enc = enc
-        self.fn = _audio_features if modality == "audio" else _visual_features
+        self.fn = audio_features if modality == "audio" else visual_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self.enc, x)

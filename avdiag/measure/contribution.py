@@ -55,7 +55,7 @@ Measurements
   Learning", ECCV 2024): k-means cluster purity of each modality's pooled features (k = the
   number of classes of the head, fixed seed) on the data given and on the held-out data when
   given; gap ``|P_train - P_heldout|`` and ``alpha = tanh(lam * gap)`` (lam 3), through
-  :func:`avdiag.rewrite.relearn.cluster_purity` and :class:`~avdiag.rewrite.relearn.LearningState`.
+  :func:`avdiag.measure.learning_state.cluster_purity` and :class:`~avdiag.measure.learning_state.LearningState`.
   Rows are sorted by sample index before clustering, so the result does not depend on batch or
   shard order.
 
@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avdiag.models.parts import AVParts
-from avdiag.rewrite.relearn import LearningState, cluster_purity
+from avdiag.measure.learning_state import LearningState, cluster_purity
 
 MODALITIES = ("audio", "visual")
 COALITIONS = ("audio+visual", "audio", "visual", "empty")

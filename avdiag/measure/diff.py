@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.errors import UsageError
 from avdiag.inspection import SCHEMA_VERSION, CheckpointSummary, InspectResult, inspect_checkpoint
 from avdiag.load import load_checkpoint

@@ -16,6 +16,7 @@ from scipy.special import ndtr
 
 from avdiag.locate import BNLayer
 from avdiag.measure.thresholds import Thresholds
+from avdiag.results import finite
 
 
 @dataclass
@@ -93,8 +94,6 @@ def _floats(a: np.ndarray) -> list:
     return [json_float(v) for v in a.tolist()] if a.dtype.kind == "f" else a.tolist()
 
 
-def json_float(v: float | None) -> float | str | None:
-    """JSON has no infinities: non-finite floats are written as the strings "inf", "-inf", "nan"."""
-    if v is None or np.isfinite(v):
-        return v
-    return "nan" if np.isnan(v) else ("inf" if v > 0 else "-inf")
+def json_float(v: float | None) -> float | None:
+    """JSON has no NaN or infinities: non-finite floats are written as null (see avdiag.results)."""
+    return finite(v)

@@ -23,14 +23,14 @@ def _encoders(width: int) -> tuple[ResNetEncoder, ResNetEncoder]:
     return resnet18(in_channels=1, width=width), resnet18(in_channels=3, width=width)
 
 
-def _audio_features(net: ResNetEncoder, audio: torch.Tensor) -> torch.Tensor:
+def audio_features(net: ResNetEncoder, audio: torch.Tensor) -> torch.Tensor:
     """(B, 1, F, T) or (B, F, T) spectrogram -> (B, d)."""
     if audio.dim() == 3:
         audio = audio.unsqueeze(1)
     return net.pool(net(audio))
 
 
-def _visual_features(net: ResNetEncoder, visual: torch.Tensor) -> torch.Tensor:
+def visual_features(net: ResNetEncoder, visual: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) clip -> (B*T, 3, H, W) frames -> (B, d), pooled over (T, h, w)."""
     if visual.dim() != 5:
         raise ValueError(f"expected a 5-D (B, C, T, H, W) clip, got shape {tuple(visual.shape)}")
@@ -119,8 +119,8 @@ class OGMGEClassifier(nn.Module):
         self.fusion_module = _FUSIONS[fusion](self.audio_net.out_dim, n_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.audio_net, audio)
-        v = _visual_features(self.visual_net, visual)
+        a = audio_features(self.audio_net, audio)
+        v = visual_features(self.visual_net, visual)
         return a, v, self.fusion_module(a, v)
 
 
@@ -136,8 +136,8 @@ class LegacyOGMClassifier(nn.Module):
         self.fc_ = nn.Linear(2 * self.parta.out_dim, n_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.parta, audio)
-        v = _visual_features(self.partv, visual)
+        a = audio_features(self.parta, audio)
+        v = visual_features(self.partv, visual)
         return a, v, self.fc_(torch.cat((v, a), dim=1))
 
 
@@ -155,8 +155,8 @@ class JournalOPMClassifier(nn.Module):
         self.fusion_model.fxy = nn.Linear(2 * self.encoder_1.out_dim, n_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.encoder_1, audio)
-        v = _visual_features(self.encoder_2, visual)
+        a = audio_features(self.encoder_1, audio)
+        v = visual_features(self.encoder_2, visual)
         return a, v, self.fusion_model.fxy(torch.cat((a, v), dim=1))
 
 
@@ -179,8 +179,8 @@ class MMParetoClassifier(nn.Module):
         self.head_video = nn.Linear(d, n_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.audio_net, audio)
-        v = _visual_features(self.visual_net, visual)
+        a = audio_features(self.audio_net, audio)
+        v = visual_features(self.visual_net, visual)
         return self.head(torch.cat((a, v), dim=1)), self.head_audio(a), self.head_video(v)
 
 
@@ -206,8 +206,8 @@ class CRMTClassifier(nn.Module):
         self.fusion_module.orth_layer = orth
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.audio_net, audio)
-        v = _visual_features(self.visual_net, visual)
+        a = audio_features(self.audio_net, audio)
+        v = visual_features(self.visual_net, visual)
         orth = self.fusion_module.orth_layer
         return orth.fc(torch.cat((v, a), dim=1)), orth.a_1(a), orth.a_0(v)
 
@@ -225,6 +225,6 @@ class BalanceMMClassifier(nn.Module):
         self.fusion_module = ConcatFusion(audio.out_dim, n_classes)
 
     def forward(self, audio: torch.Tensor, visual: torch.Tensor):
-        a = _audio_features(self.modality_encoder["audio"], audio)
-        v = _visual_features(self.modality_encoder["visual"], visual)
+        a = audio_features(self.modality_encoder["audio"], audio)
+        v = visual_features(self.modality_encoder["visual"], visual)
         return a, v, self.fusion_module(a, v)

@@ -22,8 +22,8 @@ from avdiag.models.av import (
     LegacyOGMClassifier,
     MMParetoClassifier,
     OGMGEClassifier,
-    _audio_features,
-    _visual_features,
+    audio_features,
+    visual_features,
 )
 from avdiag.models.resnet import ResNetEncoder
 
@@ -41,8 +41,8 @@ class AVParts:
     feature_order: tuple[str, str]  # order of the modalities in the fused head's input
 
     def features(self, batch: dict[str, torch.Tensor]) -> Features:
-        return {"audio": _audio_features(self.encoders["audio"], batch["audio"]),
-                "visual": _visual_features(self.encoders["visual"], batch["visual"])}
+        return {"audio": audio_features(self.encoders["audio"], batch["audio"]),
+                "visual": visual_features(self.encoders["visual"], batch["visual"])}
 
 
 def _concat_slices(linear: nn.Linear, order: tuple[str, str]) -> Callable[[torch.Tensor, torch.Tensor], Features]:

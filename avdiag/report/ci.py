@@ -23,7 +23,7 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.markup import escape
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.check import (
     OUTCOME_ERROR,
     OUTCOME_FAIL,

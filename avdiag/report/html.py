@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.errors import UsageError
 from avdiag.report import plots
 from avdiag.report.plots import as_float, count

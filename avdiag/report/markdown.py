@@ -23,7 +23,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from avdiag import __version__
+from avdiag._version import __version__
 from avdiag.errors import UsageError
 from avdiag.report.html import COLLAPSE_ROWS, Chart, Code, Section, Table, Text, build_sections, default_title, \
     draw_chart

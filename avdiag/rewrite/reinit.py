@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from avdiag import __version__
-from avdiag.errors import AvdiagError, UsageError
+from avdiag._version import __version__
+from avdiag.errors import UsageError, VerificationError
 from avdiag.inspection import InspectResult, ProbeOptions, pick_device, scan
 from avdiag.load import Checkpoint, load_checkpoint
 from avdiag.locate import Located, locate, parse_overrides
@@ -21,10 +21,6 @@ METHODS = ("abri", "reset", "relearn", "recalibrate")
 SCOPES = ("flagged", "layers", "all")
 STATS = ("reset", "blend", "data")
 SCHEMA_VERSION = "1.0"
-
-
-class VerificationError(AvdiagError):
-    """The written file does not hold what was intended (it is removed)."""
 
 
 @dataclass
@@ -290,6 +286,7 @@ def _recalibrated(ckpt: Checkpoint, located: Located, o: RewriteOptions, names: 
 
 
 def _relearn(ckpt: Checkpoint, located: Located, o: RewriteOptions):
+    from avdiag.measure import learning_state
     from avdiag.rewrite import relearn
 
     prefixes = dict(located.layout.modalities)
@@ -306,12 +303,12 @@ def _relearn(ckpt: Checkpoint, located: Located, o: RewriteOptions):
         device = pick_device(o.data.device)
         train_ds, train = _loader(o)
         _, held = _loader(o, split=o.heldout_split)
-        f_train, y_train = relearn.encoder_features(resolved, prefixes, train, device)
-        f_held, y_held = relearn.encoder_features(resolved, prefixes, held, device)
+        f_train, y_train = learning_state.encoder_features(resolved, prefixes, train, device)
+        f_held, y_held = learning_state.encoder_features(resolved, prefixes, held, device)
         k = len(getattr(train_ds, "classes", [])) or int(max(y_train.max(), y_held.max()) + 1)
         for m in missing:
-            state = relearn.LearningState(m, relearn.cluster_purity(f_train[m], y_train, k, o.seed),
-                                          relearn.cluster_purity(f_held[m], y_held, k, o.seed),
+            state = learning_state.LearningState(m, learning_state.cluster_purity(f_train[m], y_train, k, o.seed),
+                                          learning_state.cluster_purity(f_held[m], y_held, k, o.seed),
                                           len(y_train), len(y_held))
             diagnosis[m] = state.to_dict(o.lam)
             alphas[m] = state.alpha(o.lam)

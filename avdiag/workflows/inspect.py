@@ -1,4 +1,4 @@
-"""`inspect_checkpoint`: load -> locate -> static measurement, as one typed result."""
+"""`avdiag inspect`: load -> locate -> static scan (-> activation probe on data), as one typed result."""
 
 from __future__ import annotations
 
@@ -8,25 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from avdiag import __version__, findings as F
+from avdiag import findings as F
 from avdiag.findings import Finding
-from avdiag.load import Checkpoint, load_checkpoint, sha256_of
-from avdiag.locate import Layout, Located, locate, parse_overrides
-from avdiag.errors import UsageError
+from avdiag.load import Checkpoint
+from avdiag.locate import Layout, Located
+from avdiag.progress import ProgressFactory, no_progress
+from avdiag.results import CheckpointRef, envelope
 from avdiag.measure.activity import Agreement, MeasuredLayer, agreement, judge_activity
 from avdiag.measure.integrity import scan_tensors
 from avdiag.measure.probe import ProbeThresholds
 from avdiag.measure.probe import probe as run_probe
 from avdiag.measure.static import LayerVerdicts, channel_stats, json_float, judge
 from avdiag.measure.thresholds import Thresholds
-
-SCHEMA_VERSION = "1.0"
-
+from avdiag.workflows.datasource import DataSource
+from avdiag.workflows.subject import LoadOptions, Subject
 
 @dataclass
-class ModalitySummary:
+class ModalityScan:
     name: str
     prefix: str | None
     n_bn_layers: int
@@ -77,25 +75,6 @@ class CheckpointSummary:
 
 
 @dataclass
-class ProbeOptions:
-    """What `inspect --data` needs to measure activations on real data."""
-
-    data: Any  # a data spec string (see avdiag.data.open_dataset) or an AVDataset
-    model: str | None = None  # package.module:factory; None = resolve from the checkpoint
-    visual_layout: str | None = None  # BCTHW / BTCHW clips for a --model factory (default: its attribute)
-    device: str = "auto"  # auto / cpu / cuda[:N]
-    split: str = "train"
-    batch_size: int = 32
-    limit: int | None = None
-    num_workers: int = 0
-    seed: int = 0
-    amp: bool = False
-    thresholds: ProbeThresholds = field(default_factory=ProbeThresholds)
-    data_options: Any = None  # avdiag.data.DataOptions
-    progress: bool = False
-
-
-@dataclass
 class ProbeSummary:
     data: str
     model: str
@@ -121,7 +100,7 @@ class InspectResult:
     layout: Layout
     thresholds: Thresholds
     layers: list[LayerVerdicts]
-    modalities: dict[str, ModalitySummary]
+    modalities: dict[str, ModalityScan]
     findings: list[Finding]
     nonfinite_tensors: dict[str, int] = field(default_factory=dict)
     probe: ProbeSummary | None = None
@@ -145,21 +124,24 @@ class InspectResult:
         return (f"{self.n_dead} dead of {self.n_channels} BatchNorm channels in {len(self.layers)} layers"
                 f"{' (' + per + ')' if per else ''}{measured}{nan}")
 
+    def ref(self) -> CheckpointRef:
+        return CheckpointRef(self.checkpoint.path, self.checkpoint.format, self.checkpoint.sha256)
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_bn_layers": len(self.layers), "n_bn_channels": self.n_channels, "n_dead": self.n_dead,
+                "n_findings": len(self.findings), "nonfinite_tensors": dict(self.nonfinite_tensors),
+                "text": self.summary_line()}
+
     def to_dict(self, per_channel: bool = False) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "avdiag", "version": __version__, "command": "inspect"},
+        return envelope("inspect", [self.ref()], self.summary(), {
             "checkpoint": self.checkpoint.to_dict(),
             "layout": self.layout.to_dict(),
             "thresholds": self.thresholds.to_dict(),
-            "summary": {"n_bn_layers": len(self.layers), "n_bn_channels": self.n_channels,
-                        "n_dead": self.n_dead, "n_findings": len(self.findings),
-                        "nonfinite_tensors": dict(self.nonfinite_tensors), "text": self.summary_line()},
             "modalities": {name: m.to_dict() for name, m in self.modalities.items()},
             "layers": [_layer_dict(v, per_channel, self.measured.get(v.layer.name)) for v in self.layers],
             "findings": [f.to_dict() for f in self.findings],
             **({"probe": self.probe.to_dict()} if self.probe else {}),
-        }
+        })
 
     def to_frame(self):
         """One row per BatchNorm layer (pandas DataFrame)."""
@@ -211,36 +193,31 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool, measured: MeasuredLayer | N
     return d
 
 
-def inspect_checkpoint(path: str | Path, *, thresholds: Thresholds | None = None,
-                       modality: dict[str, str] | list[str] | None = None, bn_eps: float | None = None,
-                       assume_activation: str | None = None, allow_globals: list[str] | tuple[str, ...] = (),
-                       unsafe: bool = False, hash_file: bool = True,
-                       probe: ProbeOptions | None = None) -> InspectResult:
-    """Load ``path`` safely and scan every BatchNorm channel statically.
+def inspect(checkpoint: str | Path | Subject, *, thresholds: Thresholds | None = None,
+            data: DataSource | None = None, probe_thresholds: ProbeThresholds | None = None,
+            hash_file: bool = True, load: LoadOptions | None = None,
+            progress: ProgressFactory = no_progress) -> InspectResult:
+    """Scan every BatchNorm channel of ``checkpoint`` statically; with ``data``, also run its model on
+    the data and measure every channel's activity next to the static prediction.
 
-    ``modality`` maps modality names to name prefixes (``{"audio": "audio_net"}`` or
-    ``["audio=audio_net"]``); without it the research layouts are detected. With ``probe``, the
-    model behind the checkpoint is run on real data and every channel's activity is measured next
-    to the static prediction. ``hash_file=False``
-    skips the SHA-256 (``checkpoint.sha256`` is then None), which bounds the run time on files that
-    the page cache serves faster than SHA-256 can digest them. Raises
-    :class:`avdiag.errors.AvdiagError` subclasses for unreadable or refused files.
+    ``checkpoint`` is a path (opened with ``load``: allowed globals, modality prefixes, BN eps, assumed
+    activation) or an open :class:`Subject`. ``hash_file=False`` skips the SHA-256
+    (``checkpoint.sha256`` is then None), which bounds the run time on files that the page cache serves
+    faster than SHA-256 can digest them. Raises :class:`avdiag.errors.AvdiagError` subclasses for
+    unreadable or refused files, and :class:`avdiag.errors.ModelError` when no model can run on the data.
     """
-    thresholds = thresholds or Thresholds()
-    overrides = parse_overrides(modality) if isinstance(modality, list) else (
-        parse_overrides([f"{k}={v}" for k, v in modality.items()]) if modality else None)
-    ckpt = load_checkpoint(path, allow_globals=allow_globals, unsafe=unsafe)
-    located = locate(ckpt, modality_overrides=overrides, bn_eps=bn_eps, assume_activation=assume_activation)
-    result = scan(ckpt, located, thresholds, hash_file=hash_file)
-    if probe is not None:
-        _run_probe(result, ckpt, located, probe)
+    subject = Subject.of(checkpoint, load)
+    result = scan(subject, thresholds or Thresholds(), hash_file=hash_file)
+    if data is not None:
+        _run_probe(result, subject, data, probe_thresholds or ProbeThresholds(), progress)
     return result
 
 
-def scan(ckpt: Checkpoint, located: Located, thresholds: Thresholds, hash_file: bool = True) -> InspectResult:
-    """The static part of an inspection, on an already loaded and located checkpoint."""
+def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True) -> InspectResult:
+    """The static part of an inspection, on an open Subject."""
+    ckpt, located = subject.ckpt, subject.located
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(sha256_of, ckpt.files) if hash_file else None  # overlaps the tensor scan
+        digest = pool.submit(subject.sha256) if hash_file else None  # overlaps the tensor scan
         verdicts, tensor_scan = _measure(ckpt, located, thresholds)
         sha = digest.result() if digest else None
     summary = CheckpointSummary(str(ckpt.path), ckpt.format, sha, sum(f.stat().st_size for f in ckpt.files),
@@ -251,41 +228,19 @@ def scan(ckpt: Checkpoint, located: Located, thresholds: Thresholds, hash_file: 
                          _findings(verdicts, tensor_scan.nonfinite, thresholds), tensor_scan.nonfinite)
 
 
-def _run_probe(result: InspectResult, ckpt: Checkpoint, located: Located, opts: ProbeOptions) -> None:
-    from avdiag.data import DataOptions, make_loader, open_dataset
-    from avdiag.locate.resolve import resolve_model
-    from avdiag.report.progress import progress_bar
-
-    resolved = resolve_model(ckpt, located.layout, opts.model)
-    if opts.visual_layout:
-        resolved.visual_layout = opts.visual_layout
-    dataset = opts.data if not isinstance(opts.data, str) else open_dataset(
-        opts.data, split=opts.split, options=opts.data_options or DataOptions())
-    loader = make_loader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                         limit=opts.limit, seed=opts.seed)
-    total = min(len(dataset), opts.limit) if opts.limit else len(dataset)
-    with progress_bar(total, "probing", enabled=opts.progress) as advance:
-        run = run_probe(resolved, located.layers, loader, pick_device(opts.device), opts.amp, advance)
+def _run_probe(result: InspectResult, subject: Subject, data: DataSource, thresholds: ProbeThresholds,
+               progress: ProgressFactory) -> None:
+    resolved = subject.model_for(data)
+    device = data.torch_device()
+    with progress(data.n_samples(), "probing") as advance:
+        run = run_probe(resolved, subject.located.layers, data.loader(), device, data.amp, advance)
     for v in result.layers:
         if v.layer.name in run.activity:
-            result.measured[v.layer.name] = judge_activity(v, run.activity[v.layer.name], opts.thresholds)
-    result.probe = ProbeSummary(getattr(dataset, "name", str(opts.data)), run.model_source, run.device, run.amp,
-                                run.samples, run.batches, opts.thresholds,
-                                agreement(list(result.measured.values())), run.missing_layers)
+            result.measured[v.layer.name] = judge_activity(v, run.activity[v.layer.name], thresholds)
+    result.probe = ProbeSummary(data.name, run.model_source, run.device, run.amp, run.samples, run.batches,
+                                thresholds, agreement(list(result.measured.values())), run.missing_layers)
     _summarise_measured(result)
     result.findings.extend(_probe_findings(result))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    return device
 
 
 def _summarise_measured(result: InspectResult) -> None:
@@ -323,13 +278,13 @@ def _measure(ckpt: Checkpoint, located: Located, t: Thresholds):
     return verdicts, scan
 
 
-def _summarise(verdicts: list[LayerVerdicts], layout: Layout) -> dict[str, ModalitySummary]:
+def _summarise(verdicts: list[LayerVerdicts], layout: Layout) -> dict[str, ModalityScan]:
     order = list(layout.modalities) + sorted({v.layer.modality for v in verdicts} - set(layout.modalities))
     out = {}
     for name in order:
         group = [v for v in verdicts if v.layer.modality == name]
         worst = min((v for v in group if v.worst_z is not None), key=lambda v: v.worst_z, default=None)
-        out[name] = ModalitySummary(
+        out[name] = ModalityScan(
             name, layout.modalities.get(name), len(group), sum(v.layer.channels for v in group),
             sum(len(v.dead) for v in group), sum(len(v.abnormal) for v in group),
             sum(len(v.constant) for v in group), sum(len(v.low_gain) for v in group),

@@ -1,0 +1,118 @@
+"""The data a command runs a model on: a spec and its options -> one opened dataset and loader per split.
+
+Every workflow that takes data takes a :class:`DataSource`. A dataset is opened once per split; with
+``cache=True`` its batches are also decoded once and kept, so a command that runs several
+checkpoints on the same data (``check --data``, a baseline comparison) reads every file once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from avdiag.errors import UsageError
+
+VISUAL_LAYOUTS = ("BCTHW", "BTCHW")
+
+
+@dataclass
+class DataSource:
+    """Where the data comes from and how it is batched and run.
+
+    ``spec``: a data spec string (see :func:`avdiag.data.open_dataset`) or an already opened dataset.
+    ``model``: ``package.module:factory`` to build the model with (default: resolve it from the
+    checkpoint); ``visual_layout``: how that factory wants clips, BCTHW or BTCHW. ``device``: auto,
+    cpu or cuda[:N]. ``limit``: at most this many samples, a seeded random subset. ``options``:
+    preprocessing (:class:`avdiag.data.DataOptions`). ``cache``: keep decoded batches for reuse.
+    """
+
+    spec: Any
+    split: str = "train"
+    options: Any = None
+    model: str | None = None
+    visual_layout: str | None = None
+    device: str = "auto"
+    batch_size: int = 32
+    limit: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool = False
+    cache: bool = False
+    _datasets: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _batches: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.visual_layout is not None and self.visual_layout not in VISUAL_LAYOUTS:
+            raise UsageError(f"--visual-layout is BCTHW or BTCHW, got {self.visual_layout!r}")
+        if self.visual_layout is not None and self.model is None:
+            raise UsageError("--visual-layout is for a --model factory (built-in models take (B,3,T,H,W))")
+        if isinstance(self.spec, str) and not self.spec.strip():
+            raise UsageError("--data: empty dataset spec")
+
+    @property
+    def name(self) -> str:
+        if not isinstance(self.spec, str):
+            return getattr(self.spec, "name", type(self.spec).__name__)
+        return getattr(self.dataset(), "name", self.spec)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(getattr(self.dataset(), "modalities", ("audio", "visual")))
+
+    def dataset(self, split: str | None = None):
+        """The dataset of ``split`` (default: ``self.split``), opened on first use."""
+        split = split or self.split
+        if not isinstance(self.spec, str):
+            return self.spec
+        if split not in self._datasets:
+            from avdiag.data import DataOptions, open_dataset
+
+            self._datasets[split] = open_dataset(self.spec, split=split, options=self.options or DataOptions())
+        return self._datasets[split]
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` can be opened (a tensor file or a factory has only the data it holds)."""
+        return isinstance(self.spec, str)
+
+    def n_samples(self, split: str | None = None) -> int:
+        n = len(self.dataset(split))
+        return min(n, self.limit) if self.limit else n
+
+    def loader(self, split: str | None = None):
+        """Batches of ``split``: a deterministic DataLoader, or the decoded batches kept from the first
+        pass when ``cache`` is set."""
+        split = split or self.split
+        if split in self._batches:
+            return self._batches[split]
+        from avdiag.data import make_loader
+
+        loader = make_loader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers,
+                             limit=self.limit, seed=self.seed)
+        if not self.cache:
+            return loader
+        self._batches[split] = list(loader)
+        return self._batches[split]
+
+    def torch_device(self):
+        return pick_device(self.device)
+
+
+def pick_device(name: str):
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` with N a present GPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: avdiag runs on cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError("--device cuda: no CUDA device is available here")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device

@@ -1,0 +1,140 @@
+"""The package's imports follow the pipeline: a stage never imports a higher one, and no module imports
+itself through a cycle. Imports inside functions count (a lazy import is still a dependency); imports
+under ``if TYPE_CHECKING:`` do not (they never run)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "avdiag"
+
+# Lower numbers sit lower in the pipeline; a module may import its own level or lower ones.
+LEVELS = {
+    "avdiag._version": 0, "avdiag.errors": 0, "avdiag.results": 0, "avdiag.progress": 0, "avdiag.findings": 0,
+    "avdiag.load": 1,
+    "avdiag.data": 2, "avdiag.models": 2,
+    "avdiag.locate": 3,
+    "avdiag.measure": 4,
+    "avdiag.rewrite": 5,
+    "avdiag.report": 6,
+    "avdiag.workflows": 7,
+    "avdiag.cli": 8, "avdiag.__main__": 8, "avdiag": 9,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def stage(module: str) -> str:
+    """The LEVELS key ``module`` belongs to (its longest listed prefix)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LEVELS:
+            return key
+    raise AssertionError(f"{module} belongs to no stage: add it to LEVELS")
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                skip.update(id(n) for n in ast.walk(child))
+    return skip
+
+
+def imports_of(module: str) -> set[str]:
+    """The avdiag modules ``module`` imports (``from pkg import submodule`` names the submodule)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_nodes(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "avdiag")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "avdiag":
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.add(sub if sub in MODULES else base)
+    out.discard(module)
+    return {m for m in out if m in MODULES}
+
+
+GRAPH = {m: imports_of(m) for m in MODULES}
+
+
+def test_every_module_belongs_to_a_stage():
+    for m in MODULES:
+        stage(m)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_upward_import(module):
+    here = LEVELS[stage(module)]
+    upward = sorted(m for m in GRAPH[module] if LEVELS[stage(m)] > here)
+    assert not upward, f"{module} (level {here}) imports higher stages: {upward}"
+
+
+def test_no_import_cycle():
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for m in sorted(GRAPH):
+        if m not in index:
+            visit(m)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The walk itself works: a lazy import of a workflow from a measure is reported."""
+    source = "def f():\n    from avdiag.workflows import inspect\n"
+    tree = ast.parse(source)
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names == {"avdiag.workflows"}
+    assert LEVELS[stage("avdiag.workflows.inspect")] > LEVELS[stage("avdiag.measure.probe")]
