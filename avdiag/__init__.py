@@ -43,7 +43,7 @@ _EXPORTS = {
     "Checkpoint": "avdiag.load",
     "Thresholds": "avdiag.measure.thresholds",
     "ABNORMAL_PRESETS": "avdiag.measure.thresholds",
-    "ProbeThresholds": "avdiag.measure.probe",
+    "ProbeThresholds": "avdiag.measure.thresholds",
     "SCHEMA_VERSION": "avdiag.results",
     "AvdiagError": "avdiag.errors",
     "UsageError": "avdiag.errors",

@@ -27,3 +27,13 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeThresholds:
+    dead_rate: float = 1e-3  # measured dead: fires at <= this fraction of positions (or constant and ~0)
+    rare_rate: float = 0.05  # rarely active: fires at <= this fraction (and is not dead)
+    constant_std: float = 1e-3  # measured constant: BN output std below this
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
