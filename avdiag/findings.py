@@ -1,10 +1,23 @@
-"""Findings: one problem, one stable rule id, one location. Shared by every command."""
+"""Findings: one problem, one stable rule id, one location. Shared by every command.
+
+The severity vocabulary is shared too: a finding of `inspect` and a violation of `check` are each
+``error``, ``warning`` or ``info``; a check rule may also be ``off`` (not evaluated). Policy files
+may write ``note`` for ``info`` (SARIF's word for it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ERROR, WARNING, INFO = "error", "warning", "info"
+ERROR, WARNING, INFO, OFF = "error", "warning", "info", "off"
+SEVERITIES = (ERROR, WARNING, INFO)  # what a finding or a violation can be
+SEVERITY_RANK = {INFO: 0, WARNING: 1, ERROR: 2}
+SEVERITY_ALIASES = {"note": INFO}
+
+# What a check violation does to the run (the "outcome" of a violation in the check JSON).
+OUTCOME_ERROR = "error"  # the file could not be analysed: exit 2
+OUTCOME_FAIL = "fail"  # a policy violation: exit 1
+OUTCOME_REPORT = "report"  # shown, does not fail the run (below fail_on, info, or suppressed)
 
 # Stable rule ids (documented in the README). Never renumber or reuse.
 NONFINITE = "nonfinite-tensor"
@@ -21,7 +34,7 @@ NOT_PROBED = "layer-not-probed"
 
 RULES = {
     NONFINITE: (ERROR, "a tensor holds NaN or Inf values"),
-    DEAD: (WARNING, "BN channels feeding an activation that (almost) never fire: z < dead_z"),
+    DEAD: (ERROR, "BN channels feeding an activation that (almost) never fire: z < dead_z"),
     ABNORMAL: (WARNING, "BN channels whose |gamma| and |beta| are both below the abnormal threshold"),
     CONSTANT: (INFO, "BN channels with effective scale s below constant_scale: output ~ beta"),
     LOW_GAIN: (INFO, "BN channels with |gamma| below low_gain"),
@@ -32,6 +45,14 @@ RULES = {
     PREDICTION_MISMATCH: (INFO, "channels where the static prediction and the measurement disagree"),
     NOT_PROBED: (WARNING, "a BN layer of the checkpoint that the model never ran on the data"),
 }
+
+
+def severity_named(name: object) -> str | None:
+    """``name`` as one of error / warning / info / off (``note`` read as ``info``); None if it is none."""
+    if not isinstance(name, str):
+        return None
+    name = SEVERITY_ALIASES.get(name, name)
+    return name if name in SEVERITIES or name == OFF else None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`diff_checkpoints` and `render_diff` on small OGM-GE checkpoints with planted, revived and new dead
+"""`avdiag.diff` and `render_diff` on small OGM-GE checkpoints with planted, revived and new dead
 channels, plus the element-wise comparison on hand-made tensors.
 
 Every expected value is computed here with numpy from the state dicts written to disk, never with
@@ -18,10 +18,11 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from avdiag.errors import UsageError
-from avdiag.measure import diff as diff_module
-from avdiag.measure.diff import compare_values, diff_checkpoints
+from avdiag import diff
+from avdiag.measure import compare as diff_module
+from avdiag.measure.compare import compare_values
 from avdiag.models import OGMGEClassifier
-from avdiag.report.diff_terminal import render_diff
+from avdiag.report.terminal.diff import render_diff
 from layout_fixtures import realistic_bn
 
 DEAD_GAMMA, DEAD_BETA = 0.05, -0.5
@@ -92,7 +93,7 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(pair):
     root, _, _ = pair
-    return diff_checkpoints(root / "a.pt", root / "b.pt")
+    return diff(root / "a.pt", root / "b.pt")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -244,7 +245,7 @@ def test_summary_line_and_json(result):
     assert line.startswith("10 changed, 1 added, 1 removed, ")
     assert "dead BN channels 6 -> 8 (4 died, 2 revived; audio 4->3, visual 2->5)" in line
     report = _strict_json(json.dumps(result.to_dict(), allow_nan=False))
-    assert report["schema_version"] == "1.0"
+    assert report["schema_version"] == "1.1"
     assert report["tool"]["command"] == "diff" and report["tool"]["name"] == "avdiag"
     assert report["a"]["sha256"] == result.a.sha256 and len(report["b"]["sha256"]) == 64
     assert report["summary"]["n_changed"] == 10 and report["summary"]["text"] == line
@@ -261,7 +262,7 @@ def test_identical_files(pair, tmp_path):
     root, a, _ = pair
     copy = tmp_path / "copy.pt"
     shutil.copyfile(root / "a.pt", copy)
-    r = diff_checkpoints(root / "a.pt", copy)
+    r = diff(root / "a.pt", copy)
     assert r.identical_files and r.identical_tensors
     assert r.changed == [] and r.added == [] and r.removed == [] and r.n_unchanged == len(a)
     assert r.n_died == r.n_revived == 0 and all(layer.status == "unchanged" for layer in r.bn_layers)
@@ -277,37 +278,37 @@ def test_other_formats_of_the_same_weights(pair, tmp_path):
     nested = tmp_path / "nested.pt"
     torch.save({"epoch": 3, "model": {"module." + k: v for k, v in a.items()}}, nested)
     for other in (st, nested):
-        r = diff_checkpoints(root / "a.pt", other)
+        r = diff(root / "a.pt", other)
         assert not r.identical_files
         assert r.changed == [] and r.added == [] and r.removed == [], other
         assert r.n_died == r.n_revived == 0 and r.n_dead_before == r.n_dead_after == 6
-    assert diff_checkpoints(st, root / "a.pt").b.format == "torch-zip"
+    assert diff(st, root / "a.pt").b.format == "torch-zip"
 
 
 def test_atol(tmp_path):
     x = torch.linspace(-1, 1, 50, dtype=torch.float64)
     torch.save({"w": x}, tmp_path / "a.pt")
     torch.save({"w": x + 1e-9}, tmp_path / "b.pt")
-    exact = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt")
+    exact = diff(tmp_path / "a.pt", tmp_path / "b.pt")
     assert [c.name for c in exact.changed] == ["w"] and exact.changed[0].n_changed_elements == 50
-    loose = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", atol=1e-6)
+    loose = diff(tmp_path / "a.pt", tmp_path / "b.pt", atol=1e-6)
     assert loose.changed == [] and loose.n_unchanged == 1
     with pytest.raises(UsageError):
-        diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", atol=-1)
+        diff(tmp_path / "a.pt", tmp_path / "b.pt", atol=-1)
 
 
 def test_nonfinite_results_are_json_strings(tmp_path):
     torch.save({"zero": torch.zeros(4), "nan": torch.ones(4)}, tmp_path / "a.pt")
     torch.save({"zero": torch.tensor([0.0, 2.0, 0.0, 0.0]), "nan": torch.tensor([1.0, float("nan"), 1.0, 1.0])},
                tmp_path / "b.pt")
-    r = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt")
+    r = diff(tmp_path / "a.pt", tmp_path / "b.pt")
     by = {c.name: c for c in r.changed}
     assert by["zero"].rel_change == math.inf and by["zero"].max_abs_diff == 2.0
     assert math.isnan(by["nan"].rel_change) and math.isnan(by["nan"].max_abs_diff)
     text = json.dumps(r.to_dict(), allow_nan=False)
     report = _strict_json(text)
     rows = {c["name"]: c for c in report["changed"]}
-    assert rows["zero"]["rel_change"] == "inf" and rows["nan"]["rel_change"] == "nan"
+    assert rows["zero"]["rel_change"] is None and rows["nan"]["rel_change"] is None  # JSON null (schema 1.1)
     assert "NaN" not in text and "Infinity" not in text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avdiag import inspect_checkpoint
+from avdiag import LoadOptions, inspect
 from avdiag.cli import main
 
 
@@ -19,7 +19,7 @@ def _dead_sequential() -> dict[str, torch.Tensor]:
 def test_a_tensor_next_to_the_nested_state_dict_does_not_hide_it(tmp_path):
     path = tmp_path / "wrapped.pt"
     torch.save({"model": _dead_sequential(), "best_acc": torch.tensor(0.9)}, path)
-    result = inspect_checkpoint(path, assume_activation="relu")
+    result = inspect(path, load=LoadOptions(assume_activation="relu"))
     assert result.checkpoint.unwrapped[0] == {"kind": "key", "value": "model"}
     assert [v.dead for v in result.layers] == [[0, 1]]
 

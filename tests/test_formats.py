@@ -45,7 +45,8 @@ def sd(encoder):
 
 
 def _report(path, **kwargs) -> dict:
-    return avdiag.inspect_checkpoint(path, **kwargs).to_dict()
+    load = {k: kwargs.pop(k) for k in ("allow_globals", "unsafe", "modality", "bn_eps") if k in kwargs}
+    return avdiag.inspect(path, load=avdiag.LoadOptions(**load), **kwargs).to_dict()
 
 
 def _assert_planted(report: dict, planted, prefix: str = "") -> None:
@@ -330,7 +331,7 @@ def test_nonfinite_tensors_are_named_and_their_channels_not_called_dead(encoder,
     assert channels_by_layer(report) == expected_dead
     assert channels_by_layer(report, "collapsed_filter_channels") == {}
     layer = next(l for l in report["layers"] if l["name"] == "layer1.0.bn1")
-    assert layer["per_channel"]["running_var"][3] == "inf"
+    assert layer["per_channel"]["running_var"][3] is None  # JSON null (schema 1.1)
 
 
 def test_checkpoint_without_batchnorm_is_analysed_with_a_finding(tmp_path, capsys):
@@ -382,7 +383,7 @@ def test_json_to_stdout_prints_only_json(av_ckpt, capsys):
     assert main(["inspect", str(path), "--json", "-"]) == 0
     out = capsys.readouterr().out
     report = strict_json(out)  # raises on anything but one JSON document
-    assert report["schema_version"] == "1.0"
+    assert report["schema_version"] == "1.1"
     assert report["layout"]["name"] == "ogm-ge"
     assert {m: s["n_dead"] for m, s in report["modalities"].items()} == planted.dead_by_modality
     assert all("per_channel" not in layer for layer in report["layers"])
@@ -406,7 +407,7 @@ def test_quiet_prints_one_line(av_ckpt, capsys, monkeypatch):
     path, planted = av_ckpt
     assert main(["inspect", str(path), "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines == [avdiag.inspect_checkpoint(path).summary_line()]
+    assert lines == [avdiag.inspect(path).summary_line()]
     assert lines[0].startswith(f"{sum(planted.dead_by_modality.values())} dead of ")
 
 

@@ -44,7 +44,7 @@ def test_conflict_on_a_vggsound_layout_reports_the_documented_fields(tmp_path, c
                            "--plots", str(plots), "--json", "-"], capsys)
     assert code == 0, err
     d = json.loads(out)
-    assert d["schema_version"] == "1.0" and d["tool"]["command"] == "conflict"
+    assert d["schema_version"] == "1.1" and d["tool"]["command"] == "conflict"
     for m in ("audio", "visual"):
         entry = d["modalities"][m]
         assert -1.0 <= entry["conflict"]["cos_mean"] <= 1.0

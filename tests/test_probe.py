@@ -32,7 +32,7 @@ from scipy.io import wavfile
 
 from avdiag.cli import main
 from avdiag.data import DataOptions, save_tensor_file
-from avdiag.inspection import ProbeOptions, inspect_checkpoint
+from avdiag import DataSource, LoadOptions, inspect
 from data_fixtures import write_corrupt_jpeg, write_cremad, write_ks, write_vggsound
 from probe_fixtures import (
     CREPE_BN_EPS,
@@ -126,10 +126,10 @@ def photo_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def effnet_probe(effnet_weights, photo_folder):
-    opts = ProbeOptions(data=str(photo_folder), model="probe_fixtures:efficientnet_lite0", device="cpu",
+    opts = DataSource(str(photo_folder), model="probe_fixtures:efficientnet_lite0", device="cpu",
                         batch_size=EFFNET_BATCH,
-                        data_options=DataOptions(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD))
-    return _timed("probe efficientnet-lite0 on 8 photos", lambda: inspect_checkpoint(effnet_weights, probe=opts))
+                        options=DataOptions(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    return _timed("probe efficientnet-lite0 on 8 photos", lambda: inspect(effnet_weights, data=opts))
 
 
 def _photo_batches(folder: Path) -> list[torch.Tensor]:
@@ -327,8 +327,8 @@ def test_crepe_tiny_on_speech_has_no_dead_channels(crepe_weights, speech_frames,
     frames = speech_frames
     data = save_tensor_file(tmp_path / "frames.npz", labels=np.zeros(len(frames), dtype=np.int64),
                             audio=frames[:, :, None].numpy())  # (N, F=1024, T=1) -> model input (N, 1, 1024, 1)
-    opts = ProbeOptions(data=str(data), model="probe_fixtures:crepe_tiny", device="cpu", batch_size=16)
-    result = _timed(f"probe crepe tiny on {len(frames)} frames", lambda: inspect_checkpoint(crepe_weights, probe=opts))
+    opts = DataSource(str(data), model="probe_fixtures:crepe_tiny", device="cpu", batch_size=16)
+    result = _timed(f"probe crepe tiny on {len(frames)} frames", lambda: inspect(crepe_weights, data=opts))
 
     assert result.probe.samples == len(frames)
     assert result.probe.missing_layers == []
@@ -384,9 +384,9 @@ PAIRS = [(case, DATA_LAYOUTS[i % len(DATA_LAYOUTS)]) for i, case in enumerate(LA
 @pytest.mark.parametrize("case,data_layout", PAIRS, ids=[f"{c.id}-on-{d}" for c, d in PAIRS])
 def test_layout_probe_finds_channels_dead_for_any_input(case, data_layout, research_data, tmp_path):
     path, always_off, always_on = write_layout_checkpoint(case, tmp_path)
-    opts = ProbeOptions(data=f"{data_layout}:{research_data[data_layout]}", device="cpu", batch_size=2,
-                        data_options=DataOptions(image_size=32))
-    result = inspect_checkpoint(path, probe=opts)
+    opts = DataSource(f"{data_layout}:{research_data[data_layout]}", device="cpu", batch_size=2,
+                        options=DataOptions(image_size=32))
+    result = inspect(path, data=opts)
 
     assert result.layout.name == case.name
     assert result.probe.model == f"registry:{case.name}"  # resolved without --model
@@ -579,8 +579,7 @@ def test_constant_channels_are_measured_constant_whatever_their_value(tmp_path):
     visual = torch.randn(3, 3, 130, 314, generator=torch.Generator().manual_seed(0)).numpy()
     data = save_tensor_file(tmp_path / "images.npz", labels=np.zeros(3, dtype=np.int64), visual=visual)
 
-    result = inspect_checkpoint(tmp_path / "resnet18.pth",
-                                probe=ProbeOptions(data=str(data), device="cpu", batch_size=2))
+    result = inspect(tmp_path / "resnet18.pth", data=DataSource(str(data), device="cpu", batch_size=2))
 
     assert result.probe.model == "registry:resnet" and result.probe.batches == 2
     wrong = []
@@ -623,7 +622,7 @@ def test_graph_formats_probe_like_the_eager_model(kind, tmp_path):
     else:
         torch.jit.script(model).save(str(path))
 
-    result = inspect_checkpoint(path, probe=ProbeOptions(data=str(data), device="cpu", batch_size=2))
+    result = inspect(path, data=DataSource(str(data), device="cpu", batch_size=2))
 
     expected = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=n: expected.setdefault(name, []).append(out))
@@ -649,8 +648,8 @@ def test_one_input_model_gets_the_modality_its_argument_names(tmp_path):
 
     path = tmp_path / "audio_only.pt"
     torch.save(audio_only().state_dict(), path)
-    opts = ProbeOptions(data="synthetic:n=8,classes=2", model="probe_fixtures:audio_only", device="cpu", batch_size=4)
-    result = inspect_checkpoint(path, probe=opts)
+    opts = DataSource("synthetic:n=8,classes=2", model="probe_fixtures:audio_only", device="cpu", batch_size=4)
+    result = inspect(path, data=opts)
     assert result.probe.samples == 8
     assert result.measured["bn"].activity.positions > 0
 

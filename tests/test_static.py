@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from avdiag import inspect_checkpoint
+from avdiag import LoadOptions, inspect
 from avdiag.cli import main
 from avdiag.load import Checkpoint
 from avdiag.load.store import TensorStore
@@ -133,15 +133,15 @@ def test_constant_channel_with_tiny_positive_beta_is_dead():
     assert v.dead == [0, 1]
 
 
-def test_infinite_z_is_written_as_strings_in_json(tmp_path, capsys):
+def test_infinite_z_is_written_as_null_in_json(tmp_path, capsys):
     path = save(tmp_path, {"enc.conv.weight": torch.ones(2, 1, 3, 3),
                            **bn_tensors("enc.bn", [0.0, 0.0], [-1.0, 1.0], [1.0, 1.0])})
     code, report, _ = run_cli([str(path), "--per-channel"], tmp_path, capsys)
     assert code == 0
     per = layer_json(report, "enc.bn")["per_channel"]
-    assert per["z"] == ["-inf", "inf"]
+    assert per["z"] == [None, None]  # non-finite: JSON null (schema 1.1)
     assert per["fire_prob"] == [0.0, 1.0]
-    assert layer_json(report, "enc.bn")["worst_z"] == "-inf"
+    assert layer_json(report, "enc.bn")["worst_z"] is None
 
 
 def test_nonfinite_channels_get_no_verdict():
@@ -175,7 +175,7 @@ def test_affine_false_checkpoint_end_to_end(tmp_path):
     sd = net.state_dict()
     assert "1.weight" not in sd and "1.bias" not in sd
     sd["1.running_var"] = torch.tensor([0.5, 2.0, 4.0])
-    result = inspect_checkpoint(save(tmp_path, sd), assume_activation="relu")
+    result = inspect(save(tmp_path, sd), load=LoadOptions(assume_activation="relu"))
     (v,) = result.layers
     assert v.layer.name == "1" and set(v.layer.params) == {"running_mean", "running_var"}
     assert v.layer.conv == "0"
@@ -314,7 +314,7 @@ def test_zeroed_conv_filter_is_flagged_end_to_end(dtype, tmp_path):
         net[0].weight[2].zero_()
     sd = net.state_dict()
     sd["0.weight"] = sd["0.weight"].to(dtype)
-    result = inspect_checkpoint(save(tmp_path, sd))
+    result = inspect(save(tmp_path, sd))
     (v,) = result.layers
     assert v.layer.conv == "0"
     expected_norms = sd["0.weight"].double().reshape(5, -1).norm(dim=1).numpy()
@@ -363,12 +363,12 @@ def _unknown_ckpt(tmp_path) -> Path:
 
 def test_assume_activation_turns_possibly_dead_into_dead(tmp_path):
     path = _unknown_ckpt(tmp_path)
-    plain = inspect_checkpoint(path)
+    plain = inspect(path)
     (v,) = plain.layers
     assert (v.layer.feeds_activation, v.layer.activation, v.layer.activation_source) == ("unknown", None, "none")
     assert v.dead == [] and v.possibly_dead == [0, 2] and plain.n_dead == 0
     assert any(f.id == "possibly-dead-channels" for f in plain.findings)
-    assumed = inspect_checkpoint(path, assume_activation="relu")
+    assumed = inspect(path, load=LoadOptions(assume_activation="relu"))
     (w,) = assumed.layers
     assert (w.layer.feeds_activation, w.layer.activation, w.layer.activation_source) == ("yes", "relu", "assumed")
     assert w.dead == [0, 2] and w.possibly_dead == [] and assumed.n_dead == 2
@@ -389,7 +389,7 @@ def test_assume_activation_does_not_override_known_layers(tmp_path):
                "_blocks.0._project_conv.weight": torch.ones(4, 4, 1, 1),
                **bn_tensors("_blocks.0._bn2", *SILENT.values()),
                **bn_tensors("enc.downsample_bn", *SILENT.values())}
-    result = inspect_checkpoint(save(tmp_path, tensors), assume_activation="relu")
+    result = inspect(save(tmp_path, tensors), load=LoadOptions(assume_activation="relu"))
     by = {v.layer.name: v for v in result.layers}
     assert by["_blocks.0._bn2"].layer.activation_source == "architecture:efficientnet"
     assert by["_blocks.0._bn2"].layer.feeds_activation == "no" and by["_blocks.0._bn2"].dead == []
@@ -419,7 +419,7 @@ def test_bn_eps_changes_the_scale_of_default_eps_layers(tmp_path, capsys):
     path = save(tmp_path, {"enc.conv.weight": torch.ones(3, 1, 3, 3),
                            **bn_tensors("enc.bn", gamma, [0.0] * 3, rv)})
     for eps, source in ((None, "default"), (1e-2, "user"), (1.0, "user")):
-        (v,) = inspect_checkpoint(path, bn_eps=eps).layers
+        (v,) = inspect(path, load=LoadOptions(bn_eps=eps)).layers
         e = 1e-5 if eps is None else eps
         assert (v.layer.eps, v.layer.eps_source) == (e, source)
         np.testing.assert_allclose(v.stats.scale, np.abs(gamma) * np.sqrt(rv / (rv + e)), rtol=1e-14)
@@ -466,7 +466,7 @@ def test_graph_eps_wins_over_user_and_architecture(how, tmp_path):
     path = tmp_path / f"stem_{how}.pt"
     module.save(str(path))
     for user_eps in (None, 0.5):
-        result = inspect_checkpoint(path, bn_eps=user_eps)
+        result = inspect(path, load=LoadOptions(bn_eps=user_eps))
         by = {v.layer.name: v.layer for v in result.layers}
         assert (by["_bn0"].eps, by["_bn0"].eps_source) == (2e-3, "graph")
         assert (by["_bn1"].eps, by["_bn1"].eps_source) == (4e-4, "graph")
@@ -476,10 +476,10 @@ def test_graph_eps_wins_over_user_and_architecture(how, tmp_path):
         assert (by["_bn0"].conv, by["_bn1"].conv) == ("_conv_stem", "_conv_head")
     # the same weights as a plain state dict: no graph, so the rule (and then the user) decides
     sd_path = save(tmp_path, net.state_dict(), "stem_sd.pt")
-    by = {v.layer.name: v.layer for v in inspect_checkpoint(sd_path).layers}
+    by = {v.layer.name: v.layer for v in inspect(sd_path).layers}
     assert {n: (l.eps, l.eps_source) for n, l in by.items()} == {
         "_bn0": (1e-3, "architecture:efficientnet"), "_bn1": (1e-3, "architecture:efficientnet")}
-    by = {v.layer.name: v.layer for v in inspect_checkpoint(sd_path, bn_eps=0.5).layers}
+    by = {v.layer.name: v.layer for v in inspect(sd_path, load=LoadOptions(bn_eps=0.5)).layers}
     assert {n: (l.eps, l.eps_source) for n, l in by.items()} == {"_bn0": (0.5, "user"), "_bn1": (0.5, "user")}
 
 
@@ -494,7 +494,7 @@ def test_thresholds_round_trip_through_to_dict_and_json(tmp_path):
     assert Thresholds(**d) == t
     assert Thresholds(**json.loads(json.dumps(d))) == t
     assert Thresholds(**Thresholds().to_dict()) == Thresholds()
-    result = inspect_checkpoint(save(tmp_path, bn_tensors("enc.bn", [1.0], [0.0], [1.0])), thresholds=t)
+    result = inspect(save(tmp_path, bn_tensors("enc.bn", [1.0], [0.0], [1.0])), thresholds=t)
     assert result.thresholds == t
     assert json.loads(json.dumps(result.to_dict()))["thresholds"] == d
 
@@ -532,7 +532,7 @@ def test_torchscript_bn_that_is_the_model_output(how, tmp_path):
         module = torch.jit.script(net) if how == "script" else torch.jit.trace(net, torch.zeros(1, 3, 8, 8))
     path = tmp_path / f"out_{how}.pt"
     module.save(str(path))
-    (v,) = inspect_checkpoint(path, assume_activation="relu").layers
+    (v,) = inspect(path, load=LoadOptions(assume_activation="relu")).layers
     assert (v.layer.feeds_activation, v.layer.activation_source) == ("no", "graph:torchscript")
     assert v.dead == [] and v.possibly_dead == []
     assert v.layer.activation == "output"

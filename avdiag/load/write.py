@@ -134,7 +134,7 @@ def write_checkpoint(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], target:
         _atomic_write_safetensors(target, payload, metadata, verify)
     else:
         obj = _torch_payload(ckpt, tensors, drop, names, record, drop_optimizer, warnings)
-        _atomic_write(target, _torch_writer(obj, legacy=out_fmt == detect.TORCH_LEGACY), verify)
+        atomic_write(target, _torch_writer(obj, legacy=out_fmt == detect.TORCH_LEGACY), verify)
     return warnings
 
 
@@ -417,8 +417,11 @@ def _atomic_write_safetensors(target: Path, payload: dict[str, torch.Tensor], me
 # -- atomic replacement ---------------------------------------------------------------------------------
 
 
-def _atomic_write(target: Path, write: Callable[[Path, BinaryIO], None],
-                  verify: Callable[[Path], None] | None = None) -> None:
+def atomic_write(target: Path, write: Callable[[Path, BinaryIO], None],
+                 verify: Callable[[Path], None] | None = None) -> None:
+    """Write ``target`` through a temporary file beside it: ``write(tmp_path, file)`` fills it, it is
+    fsynced, ``verify(tmp_path)`` may check it, then it is renamed onto ``target``. On any failure the
+    target is left as it was and the temporary removed; OSErrors become one-line UsageErrors."""
     tmp, fd = _make_temp_file(target)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,4 +1,8 @@
-"""Group layers by modality and identify the research layout and its fusion heads."""
+"""Group layers by modality and identify the research layout and its fusion heads.
+
+The encoder names, layout signatures and fusions of the research codebases come from the
+architecture registry (``avdiag/models/arch/``); modality words in names cover the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,8 @@ from dataclasses import dataclass, field
 
 from avdiag.errors import UsageError
 from avdiag.load.store import TensorStore
+from avdiag.models import registry
 
-# (segments that name an encoder, modality). Matched at any depth, so Lightning's `model.` or other
-# outer prefixes do not hide them.
-KNOWN_ENCODERS: list[tuple[tuple[str, ...], str]] = [
-    (("audio_net",), "audio"), (("visual_net",), "visual"),
-    (("parta",), "audio"), (("partv",), "visual"),
-    (("encoder_1",), "audio"), (("encoder_2",), "visual"),
-]
 MODALITY_WORDS = {
     "audio": {"audio", "aud", "sound", "speech", "spec", "spectrogram", "wav", "acoustic"},
     "visual": {"visual", "video", "vision", "image", "img", "rgb", "frame", "frames", "vis", "face"},
@@ -36,7 +34,7 @@ class Head:
 
 @dataclass
 class Layout:
-    name: str  # ogm-ge, ogm-ge-legacy, opm-journal, mmpareto, crmt, balancemm, generic, single
+    name: str  # a registered family's name (ogm-ge, mmpareto, ...), generic, single or user
     modalities: dict[str, str]  # modality -> name prefix of its encoder
     source: str  # "auto" / "user"
     heads: list[Head] = field(default_factory=list)
@@ -94,13 +92,14 @@ def _auto_layout(names: list[str]) -> Layout:
 
 
 def _known_encoder(name: str) -> tuple[str, str] | None:
-    segs = name.split(".")
-    for i, seg in enumerate(segs[:-1]):
-        for pattern, modality in KNOWN_ENCODERS:
-            if seg == pattern[0]:
-                return modality, ".".join(segs[: i + 1]) + "."
-        if seg == "modality_encoder" and i + 2 < len(segs):
-            return segs[i + 1], ".".join(segs[: i + 2]) + "."
+    """A registered family's encoder in the module path of tensor ``name``, matched at any depth so
+    that Lightning's `model.` or other outer prefixes do not hide it: (modality, its name prefix)."""
+    module = name.split(".")[:-1]
+    for i in range(len(module)):
+        hit = registry.encoder_at(module, i)
+        if hit is not None:
+            modality, span = hit
+            return modality, ".".join(module[: i + span]) + "."
     return None
 
 
@@ -115,21 +114,7 @@ def _modality_word(name: str) -> tuple[str, str] | None:
 
 
 def _layout_name(names: list[str], found: dict[str, str]) -> str:
-    leaves = {p.rstrip(".").rsplit(".", 1)[-1] for p in found.values()}
-    has = lambda part: any(part in n for n in names)  # noqa: E731
-    if {"parta", "partv"} <= leaves:
-        return "ogm-ge-legacy"
-    if "encoder_1" in leaves:
-        return "opm-journal"
-    if any("modality_encoder." in p for p in found.values()):
-        return "balancemm"
-    if has("head_audio.") or has("head_video."):
-        return "mmpareto"
-    if has("fusion_module.orth_layer."):
-        return "crmt"
-    if has("fusion_module."):
-        return "ogm-ge"
-    return "generic"
+    return registry.layout_name(registry.LayoutEvidence(names, found)) or "generic"
 
 
 def _heads(store: TensorStore, layout: Layout) -> list[Head]:
@@ -145,13 +130,6 @@ def _heads(store: TensorStore, layout: Layout) -> list[Head]:
 
 
 def _fusion_kind(layout: Layout) -> str | None:
-    if layout.name not in ("ogm-ge",):
-        return "concat" if layout.name in ("ogm-ge-legacy", "opm-journal", "mmpareto", "balancemm", "crmt") else None
-    leaves = {h.name.rsplit(".", 1)[-1] for h in layout.heads if "fusion_module" in h.name.split(".")[:-1]}
-    if {"fc_x", "fc_y", "fc_out"} <= leaves:
-        return "gated"
-    if {"fc", "fc_out"} <= leaves:
-        return "film"
-    if {"fc_x", "fc_y"} <= leaves:
-        return "sum"
-    return "concat" if "fc_out" in leaves else None
+    if layout.source != "auto":
+        return None
+    return registry.fusion_of(layout.name, [h.name for h in layout.heads])

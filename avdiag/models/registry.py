@@ -1,28 +1,32 @@
-"""A registry of built-in architectures and one factory: checkpoint tensors -> a ready model.
+"""The architecture registry and its one factory: checkpoint tensors -> layout, spec, model, parts.
 
-Each entry knows how to read its hyper-parameters (class count, width, depth, fusion) from the
-tensor shapes of a checkpoint, so a checkpoint of a known layout needs no ``--model``.
+A family is one class, usually in its own file under ``avdiag/models/arch/``, registered with
+``@register``. It overrides only what it knows; every default answers "not mine":
+
+- ``encoders`` / ``encoder_at``: the module names of its encoders and their modality;
+- ``claims``: whether a checkpoint's names are this family's layout (the layout takes its name);
+- ``fusion_of``: the fusion its heads tell (concat / sum / film / gated);
+- ``spec``: its hyper-parameters read from tensor shapes, so a checkpoint needs no ``--model``;
+- ``build``: the ``nn.Module`` of a spec; ``parts``: that module's encoders, fused head and
+  uni-modal logits (:class:`avdiag.models.parts.AVParts`) when it is an audio-visual classifier;
+- ``bn_fact``: what a BatchNorm layer of the family feeds, from tensor names alone.
+
+Families are tried in ``priority`` order (higher first), then in registration order.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
+from avdiag.errors import ModelError
 
-from avdiag.load.store import TensorStore
-from avdiag.models.av import (
-    BalanceMMClassifier,
-    CRMTClassifier,
-    JournalOPMClassifier,
-    LegacyOGMClassifier,
-    MMParetoClassifier,
-    OGMGEClassifier,
-)
-from avdiag.models.resnet import ResNetEncoder
+if TYPE_CHECKING:
+    from torch import nn
+
+    from avdiag.load.store import TensorStore
+    from avdiag.models.parts import AVParts
 
 
 @dataclass(frozen=True)
@@ -42,83 +46,181 @@ class ArchSpec:
         return dict(self.__dict__, inputs=list(self.inputs))
 
 
-class ResNetClassifier(ResNetEncoder):
-    """A plain ResNet with torchvision's `fc` head (keys conv1 ... layer4, fc)."""
+@dataclass(frozen=True)
+class ArchFact:
+    """What architecture knowledge says about one BatchNorm layer."""
 
-    def __init__(self, depth: int, in_channels: int, width: int, n_classes: int):
-        super().__init__(depth=depth, in_channels=in_channels, width=width)
-        self.fc = nn.Linear(self.out_dim, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(super().forward(x)))
-
-
-Builder = Callable[[ArchSpec], nn.Module]
-BUILDERS: dict[str, Builder] = {
-    "ogm-ge": lambda s: OGMGEClassifier(s.n_classes, fusion=s.fusion or "concat", width=s.width),
-    "ogm-ge-legacy": lambda s: LegacyOGMClassifier(s.n_classes, width=s.width),
-    "opm-journal": lambda s: JournalOPMClassifier(s.n_classes, width=s.width),
-    "mmpareto": lambda s: MMParetoClassifier(s.n_classes, width=s.width),
-    "crmt": lambda s: CRMTClassifier(s.n_classes, width=s.width),
-    "balancemm": lambda s: BalanceMMClassifier(s.n_classes, width=s.width),
-    "resnet": lambda s: (ResNetClassifier(s.depth, s.in_channels, s.width, s.n_classes) if s.n_classes
-                         else ResNetEncoder(depth=s.depth, in_channels=s.in_channels, width=s.width)),
-}
-
-# layout -> (an encoder prefix to read width/depth from, the head whose out_features is the class count)
-_AV_SHAPES = {
-    "ogm-ge": ("audio_net.", None),
-    "ogm-ge-legacy": ("parta.", "fc_"),
-    "opm-journal": ("encoder_1.", "fusion_model.fxy"),
-    "mmpareto": ("audio_net.", "head"),
-    "crmt": ("audio_net.", "fusion_module.orth_layer.fc"),
-    "balancemm": ("modality_encoder.audio.", "fusion_module.fc_out"),
-}
-_OGM_HEADS = {"concat": "fusion_module.fc_out", "sum": "fusion_module.fc_x", "film": "fusion_module.fc_out",
-              "gated": "fusion_module.fc_out"}
+    architecture: str
+    feeds_activation: str  # "yes" / "no"
+    activation: str  # "relu", "relu6", "silu", or what the BN feeds instead ("residual-add", "linear")
+    conv: str | None  # module name of the feeding conv
+    eps: float | None = None  # the architecture's BatchNorm eps, when it is not torch's 1e-5
 
 
-def build(spec: ArchSpec) -> nn.Module:
-    return BUILDERS[spec.name](spec)
+class NameIndex:
+    """Fast look-ups over a checkpoint's tensor names."""
+
+    def __init__(self, names: list[str]):
+        self.names = set(names)
+        self.modules = {n.rsplit(".", 1)[0] for n in names if "." in n}
+
+    def has_module(self, module: str) -> bool:
+        return module in self.modules
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(m.startswith(prefix) for m in self.modules)
+
+    def any_segment(self, segment: str) -> bool:
+        return any(segment in m.split(".") for m in self.modules)
+
+    def module_or_none(self, module: str) -> str | None:
+        return module if module in self.modules else None
+
+
+@dataclass(frozen=True)
+class LayoutEvidence:
+    """What layout detection has found in a checkpoint's tensor names."""
+
+    names: Sequence[str]
+    encoders: dict[str, str]  # modality -> name prefix of its encoder ("audio_net.")
+
+    def has(self, part: str) -> bool:
+        """``part`` occurs anywhere in a tensor name."""
+        return any(part in n for n in self.names)
+
+    @property
+    def encoder_leaves(self) -> set[str]:
+        """The last segment of every encoder prefix ("parta" for "module.parta.")."""
+        return {p.rstrip(".").rsplit(".", 1)[-1] for p in self.encoders.values()}
+
+
+class Architecture:
+    """One family of architectures. Subclass, set ``name``, override what the family knows."""
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0  # higher is tried first: give a generic signature a low priority
+    encoders: ClassVar[dict[str, str]] = {}  # encoder module name -> modality ({"audio_net": "audio"})
+    fusion: ClassVar[str | None] = None  # the fusion every checkpoint of the family has, if one
+    fallback: ClassVar[bool] = False  # builds checkpoints whose layout no family claims (plain CNNs)
+
+    def encoder_at(self, segments: Sequence[str], i: int) -> tuple[str, int] | None:
+        """(modality, number of segments) when the module path ``segments`` has one of this family's
+        encoders starting at ``segments[i]``."""
+        modality = self.encoders.get(segments[i])
+        return (modality, 1) if modality else None
+
+    def claims(self, evidence: LayoutEvidence) -> bool:
+        """Whether a checkpoint with two or more encoders is of this family's layout."""
+        return False
+
+    def fusion_of(self, head_names: list[str]) -> str | None:
+        """The fusion, given the names of the linear layers outside the encoders."""
+        return self.fusion
+
+    def spec(self, store: TensorStore, fusion: str | None) -> ArchSpec | None:
+        """The spec these tensors fit (names without outer prefixes), or None."""
+        return None
+
+    def build(self, spec: ArchSpec) -> nn.Module:
+        raise ModelError(f"architecture {self.name!r} cannot build a model")
+
+    def parts(self, model: nn.Module) -> AVParts | None:
+        """The audio-visual parts of ``model`` when it is this family's classifier, else None."""
+        return None
+
+    def bn_fact(self, name: str, idx: NameIndex) -> ArchFact | None:
+        """What BN module ``name`` feeds, when it is a BN of this family, else None."""
+        return None
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    """Class decorator: add the family (one instance of ``cls``) under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"architecture {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def families() -> list[Architecture]:
+    """Every registered family, in the order they are tried."""
+    return sorted(_REGISTRY.values(), key=lambda f: -f.priority)  # stable: registration order breaks ties
+
+
+def family(name: str) -> Architecture | None:
+    return _REGISTRY.get(name)
+
+
+def encoder_at(segments: Sequence[str], i: int) -> tuple[str, int] | None:
+    """(modality, number of segments) of a known encoder starting at ``segments[i]``, by any family."""
+    for f in families():
+        hit = f.encoder_at(segments, i)
+        if hit is not None:
+            return hit
+    return None
+
+
+def layout_name(evidence: LayoutEvidence) -> str | None:
+    """The name of the first family that claims this layout, or None."""
+    return next((f.name for f in families() if f.claims(evidence)), None)
+
+
+def fusion_of(layout: str, head_names: list[str]) -> str | None:
+    f = _REGISTRY.get(layout)
+    return f.fusion_of(head_names) if f is not None else None
 
 
 def spec_from_checkpoint(store: TensorStore, layout_name: str, fusion: str | None) -> ArchSpec | None:
-    """The built-in architecture these tensors fit, or None when no entry claims them."""
-    if layout_name in _AV_SHAPES:
-        encoder, head = _AV_SHAPES[layout_name]
-        head = _OGM_HEADS.get(fusion or "", None) if layout_name == "ogm-ge" else head
-        shape = _encoder_shape(store, encoder)
-        n_classes = _out_features(store, head) if head else None
-        if shape is None or n_classes is None:
-            return None
-        width, depth, _ = shape
-        return ArchSpec(layout_name, n_classes, width, depth, fusion=fusion)
-    shape = _encoder_shape(store, "")
-    if shape is None:
-        return None
-    width, depth, in_channels = shape
-    return ArchSpec("resnet", _out_features(store, "fc"), width, depth, in_channels=in_channels,
-                    inputs=("image",))
+    """The built-in architecture these tensors fit, or None when no family claims them.
+
+    The family named by the layout decides; a layout no family claims (single, generic, user) is tried
+    on every fallback family."""
+    owner = _REGISTRY.get(layout_name)
+    if owner is not None and not owner.fallback:
+        return owner.spec(store, fusion)
+    for f in families():
+        if f.fallback:
+            spec = f.spec(store, fusion)
+            if spec is not None:
+                return spec
+    return None
 
 
-def _encoder_shape(store: TensorStore, prefix: str) -> tuple[int, int, int] | None:
-    """(width, depth, in_channels) of a torchvision-layout ResNet of BasicBlocks under ``prefix``."""
-    stem = prefix + "conv1.weight"
-    if stem not in store or len(store.info(stem).shape) != 4:
-        return None
-    width, in_channels = store.info(stem).shape[:2]
-    blocks = []
-    for layer in range(1, 5):
-        pattern = re.compile(rf"^{re.escape(prefix)}layer{layer}\.(\d+)\.conv1\.weight$")
-        blocks.append(len({m.group(1) for n in store.names() if (m := pattern.match(n))}))
-    depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}.get(tuple(blocks))
-    if depth is None or any(n.startswith(prefix + "layer1.0.conv3") for n in store.names()):
-        return None  # not a BasicBlock ResNet-18/34
-    return width, depth, in_channels
+def build(spec: ArchSpec) -> nn.Module:
+    f = _REGISTRY.get(spec.name)
+    if f is None:
+        raise ModelError(f"no registered architecture is named {spec.name!r}")
+    return f.build(spec)
 
 
-def _out_features(store: TensorStore, head: str) -> int | None:
-    key = head + ".weight"
-    if key not in store or len(store.info(key).shape) != 2:
+def parts_of(model: nn.Module) -> AVParts | None:
+    """The audio-visual parts of ``model`` from the family that knows its class, or None."""
+    for f in families():
+        parts = f.parts(model)
+        if parts is not None:
+            return parts
+    return None
+
+
+def bn_fact(name: str, idx: NameIndex) -> ArchFact | None:
+    for f in families():
+        fact = f.bn_fact(name, idx)
+        if fact is not None:
+            return fact
+    return None
+
+
+def out_features(store: TensorStore, head: str | None) -> int | None:
+    """The out_features of the linear layer ``head`` (its 2-D weight), or None."""
+    key = f"{head}.weight"
+    if head is None or key not in store or len(store.info(key).shape) != 2:
         return None
     return store.info(key).shape[0]

@@ -13,9 +13,15 @@ which is what the tests and the bundled example use.
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from avdiag.load.store import TensorStore
 
 _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -135,3 +141,20 @@ def resnet18(in_channels: int = 3, width: int = 64) -> ResNetEncoder:
 def resnet34(in_channels: int = 3, width: int = 64) -> ResNetEncoder:
     """ResNet-34 trunk (BasicBlock, 3-4-6-3)."""
     return ResNetEncoder(depth=34, in_channels=in_channels, width=width)
+
+
+def shape_from_tensors(store: TensorStore, prefix: str = "") -> tuple[int, int, int] | None:
+    """(width, depth, in_channels) of the BasicBlock ResNet-18/34 whose tensors sit under ``prefix``,
+    or None when the tensors there are not one."""
+    stem = prefix + "conv1.weight"
+    if stem not in store or len(store.info(stem).shape) != 4:
+        return None
+    width, in_channels = store.info(stem).shape[:2]
+    blocks = []
+    for layer in range(1, 5):
+        pattern = re.compile(rf"^{re.escape(prefix)}layer{layer}\.(\d+)\.conv1\.weight$")
+        blocks.append(len({m.group(1) for n in store.names() if (m := pattern.match(n))}))
+    depth = next((d for d, stages in _BLOCKS_PER_STAGE.items() if stages == tuple(blocks)), None)
+    if depth is None or any(n.startswith(prefix + "layer1.0.conv3") for n in store.names()):
+        return None  # a Bottleneck ResNet (conv3) or another block count
+    return width, depth, in_channels

@@ -1,8 +1,9 @@
 """The figures of a report, drawn from the JSON result dicts: PNG images and Unicode text charts.
 
-Every function takes the plain JSON dict of a result (``InspectResult.to_dict()``,
-``RewriteResult.to_dict()``, ``DiffResult.to_dict()``, or the same read back from a ``--json`` file),
-never avdiag objects, so a report can be rebuilt later from saved JSON files.
+Every function takes the plain JSON dict of a result (a command's ``to_dict()``, or the same read back
+from a ``--json`` file of any 1.x schema), never avdiag objects, so a report can be rebuilt later from
+saved files. Values are read through :mod:`avdiag.report.access`, which also turns the nulls of
+schema 1.1 and the ``"nan"``/``"inf"`` strings of schema 1.0 into floats.
 
 matplotlib is imported inside the drawing functions, never when avdiag is imported. Figures are
 ``matplotlib.figure.Figure`` objects drawn on an explicit Agg canvas (``FigureCanvasAgg``): pyplot is
@@ -12,7 +13,7 @@ saving). Style settings are applied with ``rc_context`` and restored afterwards.
 (7 inches wide, ~3 high per row of panels, 100 dpi: 700 px wide PNGs of 20-60 kB).
 
 PNG functions return ``None`` when the result holds nothing to draw (no BN layers, no per-channel
-arrays, no probe).
+arrays, no probe). :func:`write_conflict_plots` writes the PNG files of ``avdiag conflict --plots``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from __future__ import annotations
 import io
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+from avdiag.errors import UsageError
+from avdiag.report import access as acc
 
 DPI = 100
 WIDTH_IN = 7.0
@@ -38,127 +43,8 @@ THRESHOLD_COLOR = "#c44e52"
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
-# ---- reading the JSON --------------------------------------------------------------------------
-
-
-def as_float(value: Any) -> float | None:
-    """A JSON number, or one of the strings avdiag writes for non-finite floats, as a float (else None)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("inf", "+inf", "infinity", "+infinity"):
-            return math.inf
-        if text in ("-inf", "-infinity"):
-            return -math.inf
-        if text == "nan":
-            return math.nan
-    return None
-
-
-def floats(values: Any) -> np.ndarray:
-    """A JSON list of numbers (non-finite ones as strings, None as NaN) as a float64 array."""
-    if not isinstance(values, list):
-        return np.zeros(0)
-    out = [as_float(v) for v in values]
-    return np.array([math.nan if v is None else v for v in out], dtype=np.float64)
-
-
-def count(value: Any) -> int:
-    """The length of a JSON list of channel indices (0 for anything else)."""
-    return len(value) if isinstance(value, list) else 0
-
-
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list:
-    return value if isinstance(value, list) else []
-
-
-def modality_prefixes(result: dict) -> dict[str, str]:
-    """Modality -> name prefix from an inspect result's layout (diff: the first checkpoint's layout)."""
-    layout = _dict(result.get("layout"))
-    if "modalities" not in layout and isinstance(layout.get("a"), dict):
-        layout = layout["a"]
-    return {str(k): str(v) for k, v in _dict(layout.get("modalities")).items() if isinstance(v, str)}
-
-
-def group_layers(result: dict, key: str = "layers") -> dict[str, list[dict]]:
-    """The layer dicts of ``result[key]`` per modality, in network order; modalities in the report's order."""
-    groups: dict[str, list[dict]] = {str(m): [] for m in _dict(result.get("modalities"))}
-    for layer in _list(result.get(key)):
-        if isinstance(layer, dict):
-            groups.setdefault(str(layer.get("modality") or "?"), []).append(layer)
-    return {m: g for m, g in groups.items() if g}
-
-
-def short_name(name: Any, prefix: str | None) -> str:
-    """A layer name without its modality's prefix (``audio_net.layer1.0.bn1`` -> ``layer1.0.bn1``)."""
-    text = str(name)
-    if prefix and text.startswith(prefix) and len(text) > len(prefix):
-        return text[len(prefix):]
-    return text
-
-
 def modality_color(name: str, index: int) -> str:
     return _MODALITY_COLORS.get(name.lower(), _OTHER_COLORS[index % len(_OTHER_COLORS)])
-
-
-def _channels(layer: dict) -> int:
-    value = as_float(layer.get("channels"))
-    return int(value) if value is not None and math.isfinite(value) and value > 0 else 0
-
-
-def dead_ratio_rows(result: dict) -> dict[str, list[tuple[str, int, int, int]]]:
-    """Per modality: (short layer name, channels, dead, possibly dead) per BN layer, network order."""
-    prefixes = modality_prefixes(result)
-    return {m: [(short_name(layer.get("name"), prefixes.get(m)), _channels(layer), count(layer.get("dead_channels")),
-                 count(layer.get("possibly_dead_channels"))) for layer in layers]
-            for m, layers in group_layers(result).items()}
-
-
-def per_channel_values(result: dict, field: str, measured: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per modality: the values of one per-channel array, split into (layers that feed a zeroing
-    activation, the other layers). ``measured`` reads ``layer[field]`` (probe arrays such as
-    ``fire_rate``), else ``layer["per_channel"][field]``. Modalities without the array are left out."""
-    out = {}
-    for m, layers in group_layers(result).items():
-        feeding, other = [], []
-        for layer in layers:
-            source = layer if measured else _dict(layer.get("per_channel"))
-            if field not in source:
-                continue
-            (feeding if layer.get("feeds_activation") == "yes" else other).append(floats(source[field]))
-        if feeding or other:
-            out[m] = (np.concatenate(feeding) if feeding else np.zeros(0),
-                      np.concatenate(other) if other else np.zeros(0))
-    return out
-
-
-def has_per_channel(result: dict, field: str = "z") -> bool:
-    return any(isinstance(_dict(layer.get("per_channel")).get(field), list)
-               for layer in _list(result.get("layers")) if isinstance(layer, dict))
-
-
-def has_measured(result: dict) -> bool:
-    return any(isinstance(layer.get("measured_dead_channels"), list)
-               for layer in _list(result.get("layers")) if isinstance(layer, dict))
-
-
-def dead_threshold(result: dict) -> float:
-    value = as_float(_dict(result.get("thresholds")).get("dead_z"))
-    return value if value is not None and math.isfinite(value) else -3.0
-
-
-def probe_thresholds(result: dict) -> tuple[float, float]:
-    t = _dict(_dict(result.get("probe")).get("thresholds"))
-    dead, rare = as_float(t.get("dead_rate")), as_float(t.get("rare_rate"))
-    return (dead if dead is not None and math.isfinite(dead) else 1e-3,
-            rare if rare is not None and math.isfinite(rare) else 0.05)
 
 
 def z_buckets(dead_z: float) -> list[tuple[str, float, float]]:
@@ -263,7 +149,7 @@ def dead_ratio_by_layer(result: dict) -> bytes | None:
     are stacked on top, hatched."""
     from matplotlib.ticker import PercentFormatter
 
-    rows = dead_ratio_rows(result)
+    rows = acc.dead_ratio_rows(result)
     if not rows:
         return None
     with _style():
@@ -298,10 +184,10 @@ def z_histogram(result: dict) -> bytes | None:
     """Histogram of the static z = beta / s per modality (log counts), channels of layers that feed
     a zeroing activation stacked under the others, the dead threshold ``dead_z`` marked. Needs the
     per-channel arrays (``inspect --per-channel``); ``None`` without them."""
-    values = per_channel_values(result, "z")
+    values = acc.per_channel_values(result, "z")
     if not values:
         return None
-    dead_z = dead_threshold(result)
+    dead_z = acc.dead_threshold(result)
     with _style():
         fig, axes, ncols = _figure(len(values))
         for i, (ax, (m, (feeding, other))) in enumerate(zip(axes, values.items())):
@@ -361,10 +247,10 @@ def fire_rate_histogram(result: dict) -> bytes | None:
     """Histogram of the measured firing rate per channel (``inspect --data``), one panel per modality:
     channels that fire at no more than ``dead_rate`` get their own red bar on the left; the rest are
     binned over (dead_rate, 1], ``rare_rate`` marked."""
-    values = per_channel_values(result, "fire_rate", measured=True)
+    values = acc.per_channel_values(result, "fire_rate", measured=True)
     if not values:
         return None
-    dead_rate, rare_rate = probe_thresholds(result)
+    dead_rate, rare_rate = acc.probe_thresholds(result)
     with _style():
         fig, axes, ncols = _figure(len(values))
         for i, (ax, (m, (feeding, other))) in enumerate(zip(axes, values.items())):
@@ -404,9 +290,9 @@ def fire_rate_histogram(result: dict) -> bytes | None:
 def measured_vs_predicted(result: dict) -> bytes | None:
     """Dead channels per BN layer, static prediction next to the measurement on data, one panel per
     modality (layers the probe measured only)."""
-    prefixes = modality_prefixes(result)
+    prefixes = acc.modality_prefixes(result)
     groups = {m: [layer for layer in layers if isinstance(layer.get("measured_dead_channels"), list)]
-              for m, layers in group_layers(result).items()}
+              for m, layers in acc.group_layers(result).items()}
     groups = {m: g for m, g in groups.items() if g}
     if not groups:
         return None
@@ -414,17 +300,17 @@ def measured_vs_predicted(result: dict) -> bytes | None:
         fig, axes, ncols = _figure(len(groups), NAMED_ROW_HEIGHT_IN, sharey=True)
         for i, (ax, (m, layers)) in enumerate(zip(axes, groups.items())):
             x = np.arange(len(layers))
-            predicted = np.array([count(layer.get("dead_channels")) for layer in layers])
-            measured = np.array([count(layer.get("measured_dead_channels")) for layer in layers])
+            predicted = np.array([acc.count(layer.get("dead_channels")) for layer in layers])
+            measured = np.array([acc.count(layer.get("measured_dead_channels")) for layer in layers])
             ax.bar(x - 0.2, predicted, width=0.4, color=PREDICTED_COLOR, label="predicted (static)")
             ax.bar(x + 0.2, measured, width=0.4, color=MEASURED_COLOR, label="measured on data")
-            agree = _dict(_dict(_dict(result.get("modalities")).get(m)).get("agreement"))
+            agree = acc.agreement(result, m)
             scores = ""
             if agree:
-                p, r = as_float(agree.get("precision")), as_float(agree.get("recall"))
+                p, r = acc.num(agree.get("precision")), acc.num(agree.get("recall"))
                 scores = f" (P {_two(p)}, R {_two(r)})"
             ax.set_title(f"{m}: predicted {int(predicted.sum())}, measured {int(measured.sum())}{scores}")
-            _count_panel(ax, i, ncols, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
+            _count_panel(ax, i, ncols, [acc.short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
                          "dead channels", "upper left")
         return _png(fig)
 
@@ -438,10 +324,7 @@ def dead_before_after(labels: list[str], before: list[int], after: list[int], ti
     if not labels:
         return None
     with _style():
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
-        ax = fig.subplots()
+        fig, ax = _single_axes()
         x = np.arange(len(labels))
         width = 0.35 if len(labels) > 1 else 0.25
         bars_b = ax.bar(x - width / 2, before, width=width, color=BEFORE_COLOR, label="before")
@@ -460,19 +343,19 @@ def dead_before_after(labels: list[str], before: list[int], after: list[int], ti
 def diff_layers(result: dict) -> bytes | None:
     """Per BN layer of a diff (network order), dead channels in A and in B, and how many channels were
     changed (x markers), one panel per modality."""
-    prefixes = modality_prefixes(result)
-    groups = group_layers(result, "bn_layers")
+    prefixes = acc.modality_prefixes(result)
+    groups = acc.group_layers(result, "bn_layers")
     if not groups:
         return None
     with _style():
         fig, axes, ncols = _figure(len(groups), NAMED_ROW_HEIGHT_IN, sharey=True)
         for i, (ax, (m, layers)) in enumerate(zip(axes, groups.items())):
             x = np.arange(len(layers))
-            before = np.array([int(as_float(layer.get("n_dead_before")) or 0) for layer in layers])
-            after = np.array([int(as_float(layer.get("n_dead_after")) or 0) for layer in layers])
-            changed = np.array([int(as_float(layer.get("n_channels_changed")) or 0) for layer in layers])
-            died = sum(count(layer.get("died")) for layer in layers)
-            revived = sum(count(layer.get("revived")) for layer in layers)
+            before = np.array([acc.integer(layer.get("n_dead_before")) for layer in layers])
+            after = np.array([acc.integer(layer.get("n_dead_after")) for layer in layers])
+            changed = np.array([acc.integer(layer.get("n_channels_changed")) for layer in layers])
+            died = sum(acc.count(layer.get("died")) for layer in layers)
+            revived = sum(acc.count(layer.get("revived")) for layer in layers)
             ax.bar(x - 0.2, before, width=0.4, color=BEFORE_COLOR, label="dead in A")
             ax.bar(x + 0.2, after, width=0.4, color=AFTER_COLOR, label="dead in B")
             hit = changed > 0
@@ -480,7 +363,7 @@ def diff_layers(result: dict) -> bytes | None:
                 ax.plot(x[hit], changed[hit], linestyle="none", marker="x", markersize=4, color="#222222",
                         label="channels changed")
             ax.set_title(f"{m}: dead {int(before.sum())} → {int(after.sum())}, {died} died, {revived} revived")
-            _count_panel(ax, i, ncols, [short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
+            _count_panel(ax, i, ncols, [acc.short_name(layer.get("name"), prefixes.get(m)) for layer in layers],
                          "channels", "upper right")
         axes[0].set_ylim(bottom=0)
         return _png(fig)
@@ -505,7 +388,7 @@ def unicode_bar(value: float, full: float, width: int = 20) -> str:
 
 def dead_ratio_text(result: dict, max_layers: int = 24) -> str:
     """The dead-ratio-per-layer chart as Unicode bars, one block per modality."""
-    rows = dead_ratio_rows(result)
+    rows = acc.dead_ratio_rows(result)
     ratios = [d / c for layers in rows.values() for _, c, d, _ in layers if c]
     full = max(ratios, default=0.0)
     lines = [f"dead channels per BN layer, network order (full bar = {100 * full:.1f}%)" if full
@@ -538,16 +421,16 @@ def before_after_text(labels: list[str], before: list[int], after: list[int]) ->
 
 def diff_layers_text(result: dict) -> str:
     """Per changed BN layer of a diff: dead in A -> dead in B as Unicode bars."""
-    prefixes = modality_prefixes(result)
-    groups = group_layers(result, "bn_layers")
+    prefixes = acc.modality_prefixes(result)
+    groups = acc.group_layers(result, "bn_layers")
     rows = []
     for m, layers in groups.items():
         for layer in layers:
-            b = int(as_float(layer.get("n_dead_before")) or 0)
-            a = int(as_float(layer.get("n_dead_after")) or 0)
+            b = acc.integer(layer.get("n_dead_before"))
+            a = acc.integer(layer.get("n_dead_after"))
             if layer.get("status") != "unchanged" or b or a:
-                rows.append((m, short_name(layer.get("name"), prefixes.get(m)), b, a,
-                             count(layer.get("died")), count(layer.get("revived"))))
+                rows.append((m, acc.short_name(layer.get("name"), prefixes.get(m)), b, a,
+                             acc.count(layer.get("died")), acc.count(layer.get("revived"))))
     if not rows:
         return "no BN layer changed, and none has dead channels"
     full = max(max(b, a) for _, _, b, a, _, _ in rows) or 1
@@ -566,48 +449,38 @@ def diff_layers_text(result: dict) -> str:
 
 def conflict_per_layer(result: dict) -> bytes | None:
     """`avdiag conflict`: mean cosine of the multimodal and uni-modal gradients per layer, one panel
-    per modality; bars at or below 0 (conflict) in red."""
-    groups = {m: _dict(_dict(entry).get("conflict")).get("per_layer") for m, entry in _dict(result.get("modalities")).items()}
-    groups = {m: layers for m, layers in groups.items() if isinstance(layers, dict) and layers}
+    per modality; bars at or below 0 (conflict) in red, layers without a finite cosine left empty."""
+    groups = acc.conflict_per_layer(result)
     if not groups:
         return None
     with _style():
         fig, axes, ncols = _figure(len(groups), NAMED_ROW_HEIGHT_IN, sharey=True)
         for ax, (m, layers) in zip(axes, groups.items()):
             names = list(layers)
-            values = np.array([as_float(layers[n]) or 0.0 for n in names])
+            values = np.nan_to_num(np.array([layers[n] for n in names]), nan=0.0, posinf=0.0, neginf=0.0)
             ax.bar(np.arange(len(names)), values, color=["#c44e52" if v <= 0 else "#4c72b0" for v in values])
             ax.axhline(0, color="#333333", linewidth=0.8)
-            _layer_ticks(ax, [short_name(n, f"{m}_net.") for n in names], ncols)
-            ax.set_ylim(min(-0.05, float(values.min()) * 1.1), 1.05)
+            _layer_ticks(ax, [acc.short_name(n, f"{m}_net.") for n in names], ncols)
+            ax.set_ylim(min(-0.05, float(values.min(initial=0.0)) * 1.1), 1.05)
             ax.set_title(f"{m}: cos(g_multimodal, g_unimodal) per layer")
         return _png(fig)
 
 
 def contribution_bars(result: dict) -> bytes | None:
     """`avdiag conflict`: Shapley value (accuracy- and probability-valued) and uni-modal accuracy per
-    modality, side by side."""
-    mods = _dict(result.get("modalities"))
-    labels = [m for m in mods if isinstance(_dict(mods[m]).get("contribution"), dict)]
+    modality, side by side (a value that is not finite: no bar, labelled n/a)."""
+    labels, series = acc.contribution_series(result)
     if not labels:
         return None
-    series = {
-        "Shapley (accuracy)": [as_float(_dict(_dict(mods[m]["contribution"]).get("shapley_mean")).get("accuracy")) or 0.0
-                               for m in labels],
-        "Shapley (probability)": [as_float(_dict(_dict(mods[m]["contribution"]).get("shapley_mean")).get("probability"))
-                                  or 0.0 for m in labels],
-        "uni-modal accuracy": [as_float(_dict(mods[m]["contribution"]).get("unimodal_accuracy")) or 0.0 for m in labels],
-    }
     with _style():
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
-        ax = fig.subplots()
+        fig, ax = _single_axes()
         x = np.arange(len(labels))
         width = 0.8 / len(series)
         for i, (name, values) in enumerate(series.items()):
-            bars = ax.bar(x + (i - 1) * width, values, width=width, label=name)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+            shown = [v if math.isfinite(v) else 0.0 for v in values]
+            bars = ax.bar(x + (i - 1) * width, shown, width=width, label=name)
+            ax.bar_label(bars, labels=[f"{v:.2f}" if math.isfinite(v) else "n/a" for v in values], fontsize=7,
+                         padding=1)
         ax.set_xticks(x, labels)
         ax.set_title("contribution per modality")
         ax.legend(loc="upper right")
@@ -617,32 +490,103 @@ def contribution_bars(result: dict) -> bytes | None:
 def check_shares(result: dict) -> bytes | None:
     """`avdiag check --data`: the contribution share of each modality, one group of bars per
     checkpoint, with the policy's ``min_share`` as a dashed line."""
-    files = [f for f in _list(result.get("files")) if isinstance(_dict(f).get("data"), dict)]
-    if not files:
+    paths, shares = acc.check_shares(result)
+    if not paths:
         return None
-    modalities = list(dict.fromkeys(m for f in files for m in _dict(f["data"].get("modalities"))))
-    rule = _dict(_dict(_dict(result.get("policy")).get("rules")).get("modality-contribution"))
-    limit = as_float(_dict(rule.get("params")).get("min_share"))
+    limit = acc.check_min_share(result)
     with _style():
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
-        ax = fig.subplots()
-        x = np.arange(len(files))
-        width = 0.8 / max(1, len(modalities))
-        for i, m in enumerate(modalities):
-            values = [as_float(_dict(_dict(f["data"].get("modalities")).get(m)).get("share_accuracy")) for f in files]
-            bars = ax.bar(x + (i - (len(modalities) - 1) / 2) * width, [v if v is not None else 0.0 for v in values],
+        fig, ax = _single_axes()
+        x = np.arange(len(paths))
+        width = 0.8 / max(1, len(shares))
+        for i, (m, values) in enumerate(shares.items()):
+            bars = ax.bar(x + (i - (len(shares) - 1) / 2) * width, [v if v is not None else 0.0 for v in values],
                           width=width, label=m, color=modality_color(m, i))
             ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=7, padding=1)
-        if limit is not None and rule.get("severity") != "off":
+        if limit is not None:
             ax.axhline(limit, color="#c44e52", linestyle="--", linewidth=1, label=f"min_share {limit:g}")
         ax.axhline(0, color="#333333", linewidth=0.8)
         ax.set_ylim(top=1.3)  # room for the legend above the bars (shares are at most 1 unless one modality hurts)
-        paths = [str(f.get("path")) for f in files]
         names = [p.rsplit("/", 1)[-1] for p in paths]
-        ax.set_xticks(x, names if len(set(names)) == len(names) else paths, rotation=15 if len(files) > 3 else 0,
-                      ha="right" if len(files) > 3 else "center")
+        ax.set_xticks(x, names if len(set(names)) == len(names) else paths, rotation=15 if len(paths) > 3 else 0,
+                      ha="right" if len(paths) > 3 else "center")
         ax.set_title("contribution share per checkpoint")
-        ax.legend(loc="upper center", ncol=len(modalities) + 1)
+        ax.legend(loc="upper center", ncol=len(shares) + 1)
         return _png(fig)
+
+
+def _single_axes():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH_IN, 0.85 * ROW_HEIGHT_IN), dpi=DPI, layout="constrained")
+    return fig, fig.subplots()
+
+
+# ---- avdiag conflict --plots ---------------------------------------------------------------------
+
+
+def sample_cosine_histogram(result: dict) -> bytes | None:
+    """`avdiag conflict`: histogram of the per-sample cosine of the multimodal and uni-modal
+    gradients, one panel per modality, 0 (the conflict boundary) dashed."""
+    cosines = acc.sample_cosines(result)
+    if not cosines:
+        return None
+    with _style():
+        fig, axes, ncols = _figure(len(cosines))
+        for i, (ax, (m, values)) in enumerate(zip(axes, cosines.items())):
+            shown = values[np.isfinite(values)]
+            if shown.size:
+                ax.hist(shown, bins=30, color=modality_color(m, i))
+            ax.axvline(0, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0)
+            conflicting = int(np.count_nonzero(shown <= 0))
+            ax.set_title(f"{m}: per-sample cos(g_mm, g_uni), {conflicting} of {shown.size} <= 0")
+            ax.set_xlabel("cosine")
+            if i % ncols == 0:
+                ax.set_ylabel("samples")
+        return _png(fig)
+
+
+def sample_shapley_histogram(result: dict) -> bytes | None:
+    """`avdiag conflict`: histogram of the per-sample (probability-valued) Shapley value of each
+    modality, overlaid. Needs the per-sample table in the document."""
+    values = acc.sample_shapley(result)
+    if not values:
+        return None
+    with _style():
+        fig, ax = _single_axes()
+        for i, (m, phi) in enumerate(values.items()):
+            shown = phi[np.isfinite(phi)]
+            if shown.size:
+                ax.hist(shown, bins=30, alpha=0.6, label=m, color=modality_color(m, i))
+        ax.set_title("per-sample Shapley value (probability-valued)")
+        ax.set_xlabel("Shapley value")
+        ax.set_ylabel("samples")
+        ax.legend(loc="upper right")
+        return _png(fig)
+
+
+CONFLICT_PLOTS = {"per_sample_cosine.png": sample_cosine_histogram, "shapley.png": sample_shapley_histogram,
+                  "per_layer_conflict.png": conflict_per_layer}
+
+
+def write_conflict_plots(doc: dict, directory: Path) -> list[Path]:
+    """Write the PNGs of `avdiag conflict --plots DIR` from a conflict result's dict: per-sample
+    cosines, per-sample Shapley values and per-layer conflict, one file each. A figure whose data the
+    document lacks is not written (per-sample values need ``per_sample``; the Shapley histogram needs
+    the per-sample table, ``to_dict(samples=True)``). Returns the files written, in that order."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--plots {directory}: cannot create the folder ({e.strerror or e})") from e
+    written = []
+    for name, draw in CONFLICT_PLOTS.items():
+        png = draw(doc)
+        if png is None:
+            continue
+        target = directory / name
+        try:
+            target.write_bytes(png)
+        except OSError as e:
+            raise UsageError(f"--plots {target}: cannot write ({e.strerror or e})") from e
+        written.append(target)
+    return written

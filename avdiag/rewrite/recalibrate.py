@@ -9,14 +9,16 @@ import torch
 from torch import nn
 
 from avdiag.locate.resolve import ResolvedModel
+from avdiag.rewrite.precision import autocast
 
 
 def recalibrate(resolved: ResolvedModel, layer_names: set[str], batches: Iterable[dict],
-                device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device, amp: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Running (mean, var) of the BN layers in ``layer_names`` re-estimated over ``batches``.
 
     Those layers run in training mode with a cumulative average (momentum None), everything else
-    in eval mode, without gradients; the model's own state is restored afterwards.
+    in eval mode, without gradients; the model's own state is restored afterwards. ``amp``: forward
+    passes under autocast on CUDA (the statistics themselves accumulate in the layers' own dtype).
     """
     model = resolved.module.to(device).eval()
     targets = {resolved.name_prefix + n: m for n, m in model.named_modules()
@@ -28,7 +30,7 @@ def recalibrate(resolved: ResolvedModel, layer_names: set[str], batches: Iterabl
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             for batch in batches:
                 resolved({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
         return {n: (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())

@@ -6,10 +6,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from avdiag.rewrite.reinit import RewriteResult
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from avdiag.workflows.reinit import ReinitResult
 
 
-def render_rewrite(result: RewriteResult, console: Console, quiet: bool = False) -> None:
+def render_reinit(result: ReinitResult, console: Console, quiet: bool = False) -> None:
     if quiet:
         console.print(escape(result.summary_line()), highlight=False)
         return

@@ -6,13 +6,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from avdiag.inspection import InspectResult
-from avdiag.measure.static import LayerVerdicts
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from avdiag.measure.static import LayerVerdicts
+    from avdiag.workflows.inspect import InspectResult
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
-def render_inspect(result: InspectResult, console: Console, quiet: bool = False) -> None:
+def render_inspect(result: InspectResult, console: Console, quiet: bool = False, verbose: bool = False) -> None:
+    """Print ``result``: per-modality tables, the findings (informational ones with ``verbose``), the summary."""
     if quiet:
         console.print(escape(result.summary_line()), highlight=False)
         return
@@ -25,7 +29,7 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False)
         layers = [v for v in result.layers if v.layer.modality == name]
         console.print(_modality_table(name, summary.prefix, layers, result.measured if result.probe else None))
     for f in result.findings:
-        if f.severity != "info":
+        if verbose or f.severity != "info":
             console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {escape(f.message)}", highlight=False)
     if result.probe:
         p = result.probe
@@ -36,8 +40,8 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False)
                 console.print(f"  {name}: measured dead {m.n_measured_dead}/{m.n_bn_channels}, rarely active "
                               f"{m.n_rarely_active}; static prediction {_agreement(m.agreement)}", highlight=False)
     n_info = sum(f.severity == "info" for f in result.findings)
-    if n_info:
-        console.print(f"[dim]{n_info} informational finding(s) in --json output[/]")
+    if n_info and not verbose:
+        console.print(f"[dim]{n_info} informational finding(s): --verbose shows them[/]")
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from avdiag.measure.diff import BNLayerDiff, DiffResult, TensorChange
+from avdiag.measure.compare import BNLayerDiff, TensorChange
+
+if TYPE_CHECKING:
+    from avdiag.workflows.diff import DiffResult
 
 TOP_TENSORS = 20
 _PREVIEW = 8

@@ -1,6 +1,6 @@
-"""`diff_checkpoints`: what changed between two checkpoints, tensor by tensor and BN channel by channel.
+"""What changed between two checkpoints, tensor by tensor and BN channel by channel.
 
-Both files are read safely (the same loaders and pickle gate as ``inspect``) and compared one tensor
+The two tensor stores are compared one tensor
 at a time: each pair is read, compared in chunks and released before the next, so no more than one
 tensor of each side (beyond memory maps) is held at once. Tensor names are compared after wrapper
 prefixes are stripped, so a ``module.``-prefixed checkpoint and its plain twin line up.
@@ -27,16 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from avdiag._version import __version__
-from avdiag.errors import UsageError
-from avdiag.inspection import SCHEMA_VERSION, CheckpointSummary, InspectResult, inspect_checkpoint
-from avdiag.load import load_checkpoint
 from avdiag.load.store import TensorStore
 from avdiag.measure.static import LayerVerdicts, json_float
-from avdiag.measure.thresholds import Thresholds
 
-__all__ = ["BNLayerDiff", "DiffResult", "ModalityDiff", "TensorChange", "ValueComparison", "compare_values",
-           "diff_checkpoints"]
+__all__ = ["BNLayerDiff", "ModalityDiff", "TensorChange", "ValueComparison", "compare_bn_layers",
+           "compare_modalities", "compare_tensors", "compare_values", "count_by", "per_channel_names"]
 
 _CHUNK = 1 << 22  # elements compared at a time: bounds the float64 temporaries to ~32 MB each
 _ROLES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
@@ -124,140 +119,7 @@ class ModalityDiff:
         return d
 
 
-@dataclass
-class DiffResult:
-    """What `avdiag diff A B` found. ``to_dict()`` is the JSON report; ``to_frame()`` one row per changed tensor."""
-
-    a: CheckpointSummary
-    b: CheckpointSummary
-    atol: float
-    thresholds: Thresholds
-    added: list[str]
-    removed: list[str]
-    changed: list[TensorChange]
-    n_unchanged: int
-    bn_layers: list[BNLayerDiff]
-    modalities: dict[str, ModalityDiff]
-    inspect_a: InspectResult = field(repr=False)
-    inspect_b: InspectResult = field(repr=False)
-
-    @property
-    def identical_files(self) -> bool:
-        return self.a.sha256 is not None and self.a.sha256 == self.b.sha256
-
-    @property
-    def identical_tensors(self) -> bool:
-        return not (self.added or self.removed or self.changed)
-
-    @property
-    def n_dead_before(self) -> int:
-        return self.inspect_a.n_dead
-
-    @property
-    def n_dead_after(self) -> int:
-        return self.inspect_b.n_dead
-
-    @property
-    def n_died(self) -> int:
-        return sum(len(layer.died) for layer in self.bn_layers)
-
-    @property
-    def n_revived(self) -> int:
-        return sum(len(layer.revived) for layer in self.bn_layers)
-
-    def summary_line(self) -> str:
-        head = "identical files; " if self.identical_files else ""
-        tensors = (f"{len(self.changed)} changed, {len(self.added)} added, {len(self.removed)} removed, "
-                   f"{self.n_unchanged} unchanged tensors")
-        per = ", ".join(f"{m.name} {m.n_dead_before}->{m.n_dead_after}" for m in self.modalities.values()
-                        if m.n_bn_channels_before or m.n_bn_channels_after)
-        return (f"{head}{tensors}; dead BN channels {self.n_dead_before} -> {self.n_dead_after} "
-                f"({self.n_died} died, {self.n_revived} revived{'; ' + per if per else ''})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "avdiag", "version": __version__, "command": "diff"},
-            "a": self.a.to_dict(),
-            "b": self.b.to_dict(),
-            "layout": {"a": self.inspect_a.layout.to_dict(), "b": self.inspect_b.layout.to_dict()},
-            "thresholds": self.thresholds.to_dict(),
-            "atol": json_float(self.atol),
-            "summary": {"identical_files": self.identical_files, "identical_tensors": self.identical_tensors,
-                        "n_tensors_a": self.a.n_tensors, "n_tensors_b": self.b.n_tensors,
-                        "n_added": len(self.added), "n_removed": len(self.removed),
-                        "n_changed": len(self.changed), "n_unchanged": self.n_unchanged,
-                        "n_bn_layers_changed": sum(layer.status != "unchanged" for layer in self.bn_layers),
-                        "n_dead_before": self.n_dead_before, "n_dead_after": self.n_dead_after,
-                        "n_died": self.n_died, "n_revived": self.n_revived, "text": self.summary_line()},
-            "modalities": {name: m.to_dict() for name, m in self.modalities.items()},
-            "added": list(self.added),
-            "removed": list(self.removed),
-            "changed": [c.to_dict() for c in self.changed],
-            "bn_layers": [layer.to_dict() for layer in self.bn_layers],
-        }
-
-    def to_frame(self):
-        """One row per changed tensor (pandas DataFrame); non-finite values stay floats here."""
-        import pandas as pd
-
-        columns = ["name", "modality", "reasons", "shape_a", "shape_b", "dtype_a", "dtype_b", "n_elements",
-                   "n_changed_elements", "max_abs_diff", "rel_change", "channels", "n_channels_changed"]
-        rows = []
-        for c in self.changed:
-            rows.append({"name": c.name, "modality": c.modality, "reasons": ",".join(c.reasons),
-                         "shape_a": str(tuple(c.shape_a)), "shape_b": str(tuple(c.shape_b)),
-                         "dtype_a": c.dtype_a, "dtype_b": c.dtype_b, "n_elements": c.n_elements,
-                         "n_changed_elements": c.n_changed_elements,
-                         "max_abs_diff": np.nan if c.max_abs_diff is None else c.max_abs_diff,
-                         "rel_change": np.nan if c.rel_change is None else c.rel_change,
-                         "channels": c.channels, "n_channels_changed": c.n_channels_changed})
-        frame = pd.DataFrame(rows, columns=columns)
-        for col in ("n_elements", "n_changed_elements", "channels", "n_channels_changed"):
-            frame[col] = frame[col].astype("Int64")  # None (shape change, not per channel) -> <NA>
-        return frame
-
-
-# ---- entry point --------------------------------------------------------------------------------
-
-
-def diff_checkpoints(a: str | Path, b: str | Path, *, thresholds: Thresholds | None = None,
-                     modality: dict[str, str] | list[str] | None = None,
-                     allow_globals: list[str] | tuple[str, ...] = (), unsafe: bool = False,
-                     atol: float = 0.0, bn_eps: float | None = None,
-                     assume_activation: str | None = None) -> DiffResult:
-    """Compare checkpoint ``a`` (before) with ``b`` (after).
-
-    Both are inspected (static BN verdicts, SHA-256) with the same ``thresholds``, ``modality``
-    overrides, ``bn_eps`` and ``assume_activation``, then compared tensor by tensor. ``atol`` is the
-    element tolerance (0: bit-exact). Raises :class:`avdiag.errors.AvdiagError` subclasses for
-    unreadable or refused files, like ``inspect_checkpoint``.
-    """
-    atol = float(atol)
-    if not atol >= 0.0:  # also refuses NaN
-        raise UsageError(f"--atol must be >= 0, got {atol}")
-    thresholds = thresholds or Thresholds()
-    opts = dict(thresholds=thresholds, modality=modality, bn_eps=bn_eps, assume_activation=assume_activation,
-                allow_globals=allow_globals, unsafe=unsafe, hash_file=True)
-    ins_a = inspect_checkpoint(a, **opts)
-    ins_b = inspect_checkpoint(b, **opts)
-    store_a = load_checkpoint(a, allow_globals=allow_globals, unsafe=unsafe).tensors
-    store_b = load_checkpoint(b, allow_globals=allow_globals, unsafe=unsafe).tensors
-
-    per_channel = _per_channel_names(ins_a) | _per_channel_names(ins_b)
-
-    def modality_of(name: str) -> str:
-        return (ins_a if name in store_a else ins_b).layout.modality_of(name)
-
-    added, removed, changed, n_unchanged, common = _diff_tensors(store_a, store_b, per_channel, modality_of, atol)
-    bn_layers = _diff_layers(ins_a, ins_b, {c.name: c for c in changed})
-    modalities = _diff_modalities(ins_a, ins_b, bn_layers, _count_by(added, modality_of),
-                                  _count_by(removed, modality_of), changed, common)
-    return DiffResult(ins_a.checkpoint, ins_b.checkpoint, atol, thresholds, added, removed, changed, n_unchanged,
-                      bn_layers, modalities, ins_a, ins_b)
-
-
-def _per_channel_names(result: InspectResult) -> set[str]:
+def per_channel_names(result) -> set[str]:
     """BN parameters and the conv weights feeding BNs: dim 0 is the channel."""
     out = set()
     for v in result.layers:
@@ -278,7 +140,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _diff_tensors(store_a: TensorStore, store_b: TensorStore, per_channel: set[str], modality_of, atol: float):
+def compare_tensors(store_a: TensorStore, store_b: TensorStore, per_channel: set[str], modality_of, atol: float):
     removed = [n for n in store_a.names() if n not in store_b]
     added = [n for n in store_b.names() if n not in store_a]
     changed: list[TensorChange] = []
@@ -453,7 +315,7 @@ def _nanmax(acc: float, value: float) -> float:
 # ---- BN layers and modalities -------------------------------------------------------------------
 
 
-def _diff_layers(ins_a: InspectResult, ins_b: InspectResult, changed: dict[str, TensorChange]) -> list[BNLayerDiff]:
+def compare_bn_layers(ins_a, ins_b, changed: dict[str, TensorChange]) -> list[BNLayerDiff]:
     layers_a = {v.layer.name: v for v in ins_a.layers}
     layers_b = {v.layer.name: v for v in ins_b.layers}
     order = list(layers_a) + [n for n in layers_b if n not in layers_a]
@@ -491,7 +353,7 @@ def _diff_layer(name: str, va: LayerVerdicts | None, vb: LayerVerdicts | None,
                        sorted(dead_a - dead_b), [int(i) for i in np.flatnonzero(channel_mask)])
 
 
-def _diff_modalities(ins_a: InspectResult, ins_b: InspectResult, layers: list[BNLayerDiff],
+def compare_modalities(ins_a, ins_b, layers: list[BNLayerDiff],
                      added_by: dict[str, int], removed_by: dict[str, int], changed: list[TensorChange],
                      common_by: dict[str, int]) -> dict[str, ModalityDiff]:
     changed_by: dict[str, list[TensorChange]] = {}
@@ -514,7 +376,7 @@ def _diff_modalities(ins_a: InspectResult, ins_b: InspectResult, layers: list[BN
     return out
 
 
-def _count_by(names: list[str], modality_of) -> dict[str, int]:
+def count_by(names: list[str], modality_of) -> dict[str, int]:
     out: dict[str, int] = {}
     for n in names:
         m = modality_of(n)

@@ -1,0 +1,59 @@
+"""`avdiag check PATHS...`: the CI gate. Exit 0 pass, 1 policy violations, 2 errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from avdiag.cli.app import command
+from avdiag.cli.options import AllowGlobalOpt, JsonOpt, QuietOpt, ReportOpt, takes_data
+from avdiag.cli.output import Outputs
+
+
+@command()
+@takes_data
+def check(
+    paths: Annotated[list[str], typer.Argument(help="Checkpoints, folders (searched recursively) or globs.")],
+    policy: Annotated[Optional[Path], typer.Option("--policy", metavar="PATH", help="avdiag.toml ([check]) or "
+                      "pyproject.toml ([tool.avdiag.check]) [default: found in the current folder].")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="OLD", help="Fail when dead channels "
+                        "grew (with --data: a modality's contribution fell) versus OLD (a checkpoint, or a folder of "
+                        "same-named ones).")] = None,
+    json_out: JsonOpt = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="JUnit XML: one testcase per "
+                     "file and rule.")] = None,
+    sarif: Annotated[Optional[Path], typer.Option("--sarif", metavar="PATH", help="SARIF 2.1.0 log.")] = None,
+    report: ReportOpt = None,
+    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="error or warning.")] = None,
+    on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed",
+                                   help="error, violation or pass.")] = None,
+    ogm_alpha: Annotated[float, typer.Option("--ogm-alpha", help="OGM-GE alpha of the contribution rule.")] = 0.8,
+    quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [],
+    data=None,
+) -> int:
+    """Check checkpoints against a policy (CI gate). Exit 0 pass, 1 policy violations, 2 errors.
+
+    With --data, each checkpoint's model also runs on the data: probe findings, and the contribution
+    and conflict rules (and, with --baseline, a fall in a modality's contribution)."""
+    from avdiag.report.ci import emit_github, junit_xml, sarif_json
+    from avdiag.report.progress import progress_for
+    from avdiag.report.terminal.check import render_check
+    from avdiag.workflows.check import Policy
+    from avdiag.workflows.check import check as run_check
+
+    inputs = [Path(p) for p in paths if Path(p).exists()] + ([Path(baseline)] if baseline else [])
+    out = Outputs(inputs, json_out, report, quiet, files={"--junit": junit, "--sarif": sarif})
+    rules = Policy.load(policy).with_overrides(fail_on=fail_on, on_nothing_analysed=on_nothing_analysed)
+    result = run_check(paths, rules, baseline=baseline, allow_globals=tuple(allow_global), data=data,
+                       ogm_alpha=ogm_alpha, progress=progress_for(quiet or not out.terminal))
+    extra = {}
+    if junit is not None:
+        extra["--junit"] = junit_xml(result)
+    if sarif is not None:
+        extra["--sarif"] = sarif_json(result)
+    out.emit(result.to_dict(), lambda console: render_check(result, console, quiet=quiet), extra=extra)
+    emit_github(result, stream=sys.stdout if out.terminal else sys.stderr)
+    return result.exit_code

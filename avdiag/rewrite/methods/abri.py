@@ -1,0 +1,140 @@
+"""``--method abri``: ABRi (Feng, Xia, Hu 2023) on the flagged BatchNorm channels, folded into a drop-in
+checkpoint or written as the module-mode re-parametrisation (the math is :mod:`avdiag.rewrite.abri`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from avdiag.errors import ModelError, UsageError
+from avdiag.load import Checkpoint
+from avdiag.locate import BNLayer, Located
+from avdiag.locate.resolve import ResolvedModel
+from avdiag.rewrite import abri
+from avdiag.rewrite.methods.base import Method, Rewrite, RewriteInput, one_of, recalibrated_stats, register
+
+MODES = ("fold", "module")
+SCOPES = ("flagged", "layers", "all")
+STATS = ("reset", "blend", "data")
+
+
+@dataclass
+class AbriOptions:
+    """ABRi's settings.
+
+    ``mode``: ``fold`` (the blend at initialisation folded into each BN: a drop-in checkpoint) or
+    ``module`` (the checkpoint of the re-parametrised model, with each layer's fresh branch and alpha).
+    ``alpha``: the pretrained branch's weight (0.5). ``per_channel``: module mode, one alpha per channel.
+    ``scope``: ``flagged`` channels (dead or abnormal), whole ``layers`` holding one, or ``all`` BN layers.
+    ``stats``: fold mode, the running statistics: ``reset`` (0, 1), ``blend`` (towards 0, 1 like the
+    affine parameters) or ``data`` (re-estimated on the data); None = data with data, else blend.
+    """
+
+    mode: str = "fold"
+    alpha: float = 0.5
+    per_channel: bool = False
+    scope: str = "flagged"
+    stats: str | None = None
+
+
+def validate(o: AbriOptions, has_data: bool) -> None:
+    one_of(o.mode, MODES, "--mode")
+    one_of(o.scope, SCOPES, "--scope")
+    if o.stats is not None:
+        one_of(o.stats, STATS, "--stats")
+    if o.stats == "data" and not has_data:
+        raise UsageError("--stats data needs --data")
+
+
+def apply(target: RewriteInput, o: AbriOptions) -> Rewrite:
+    scope = _scope(target, o.scope)
+    if o.mode == "module":
+        return _module(target, scope, o)
+    return _fold(target, scope, o)
+
+
+def _scope(target: RewriteInput, scope: str) -> dict[str, list[int] | None]:
+    """BN layer name -> channels to rewrite (None: every channel)."""
+    out: dict[str, list[int] | None] = {}
+    for v in target.scoped_layers():
+        flagged = sorted(set(v.dead) | set(v.abnormal))
+        if scope == "all":
+            out[v.layer.name] = None
+        elif flagged:
+            out[v.layer.name] = flagged if scope == "flagged" else None
+    return out
+
+
+def _module(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOptions) -> Rewrite:
+    channels = {v.layer.name: v.layer.channels for v in target.layers}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in scope:
+        tensors.update(abri.module_keys(name, channels[name], o.alpha, o.per_channel))
+    return Rewrite(tensors, {"method": "abri", "mode": "module", "alpha": o.alpha, "per_channel": o.per_channel,
+                             "scope": o.scope, "modality": target.modality, "layers": sorted(scope)})
+
+
+def _fold(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOptions) -> Rewrite:
+    stats = o.stats or ("data" if target.data is not None else "blend")
+    layers = {v.layer.name: v.layer for v in target.layers}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, channels in scope.items():
+        tensors.update(_folded_layer(target, layers[name], channels, o.alpha, stats))
+    if stats == "data":
+        estimated = recalibrated_stats(target, set(scope), tensors, "--stats data")
+        for name, (mean, var) in estimated.items():
+            params = layers[name].params
+            for role, estimate in (("running_mean", mean), ("running_var", var)):
+                tensors[params[role]] = _on_channels(target.tensor(params[role]), estimate, scope[name])
+    return Rewrite(tensors, {"method": "abri", "mode": "fold", "alpha": o.alpha, "scope": o.scope,
+                             "modality": target.modality, "running_stats": stats, "layers": sorted(scope),
+                             "channels": {n: c for n, c in scope.items() if c is not None}})
+
+
+def _folded_layer(target: RewriteInput, layer: BNLayer, channels: list[int] | None, alpha: float,
+                  stats: str) -> dict[str, torch.Tensor]:
+    """The new affine parameters of one layer (and its running statistics unless they come from data)."""
+    if "weight" not in layer.params or "bias" not in layer.params:
+        raise UsageError(f"{layer.name}: a BatchNorm without affine parameters cannot take the ABRi blend")
+    idx = None if channels is None else torch.tensor(channels, dtype=torch.long)
+    gamma, beta = target.affine(layer)
+    out = dict(zip((layer.params["weight"], layer.params["bias"]), abri.fold_init(gamma, beta, alpha, idx)))
+    if stats == "data":
+        return out
+    mean, var = target.tensor(layer.params["running_mean"]), target.tensor(layer.params["running_var"])
+    if stats == "blend":
+        mean, var = abri.blend_running_stats(mean, var, alpha, idx)
+    else:
+        mean, var = abri.reset_running_stats(mean, var, idx)
+    out[layer.params["running_mean"]], out[layer.params["running_var"]] = mean, var
+    return out
+
+
+def _on_channels(original: torch.Tensor, estimate: torch.Tensor, channels: list[int] | None) -> torch.Tensor:
+    """``estimate`` on ``channels`` (all when None), ``original`` elsewhere, in the original dtype."""
+    if channels is None:
+        return estimate.to(original.dtype)
+    out = original.clone()
+    out[channels] = estimate[channels].to(original.dtype)
+    return out
+
+
+def written_model(written: Checkpoint, located: Located, o: AbriOptions, factory: str | None) -> ResolvedModel | None:
+    """Module mode writes extra keys no plain architecture takes: its forward check runs the converted
+    built-in architecture, strictly loaded. Fold mode writes a drop-in checkpoint (None: resolve as usual)."""
+    if o.mode != "module":
+        return None
+    from avdiag.models.registry import build, spec_from_checkpoint
+
+    abri_layers = {n[: -len(".abri_alpha")] for n in written.tensors.names() if n.endswith(".abri_alpha")}
+    spec = spec_from_checkpoint(written.tensors, located.layout.name, located.layout.fusion)
+    if spec is None or factory:
+        raise ModelError("module-mode check needs a built-in architecture")
+    module = abri.convert(build(spec), per_channel=o.per_channel, include=lambda name: name in abri_layers)
+    module.load_state_dict({n: written.tensors.get(n) for n in written.tensors.names()}, strict=True)
+    return ResolvedModel(module.eval(), f"registry:{spec.name}", spec.inputs, spec.visual_layout, spec)
+
+
+METHOD = register(Method(
+    name="abri", options=AbriOptions, apply=apply, validate=validate, written_model=written_model,
+    description="ABRi: blend each flagged BN with a fresh one (Feng, Xia, Hu 2023)"))
