@@ -23,8 +23,19 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-deps $(TEST_ARTIFACTS)
 	touch $@
 
+# The main job end to end on bundled defaults (about a minute): inspect the bundled checkpoint, rewrite
+# it with ABRi, measure gradient conflict and contribution on built-in synthetic data, one HTML report.
+DEMO_DIR ?= demo-output
+DEMO_DATA := synthetic:n=64,classes=6,audio=0.9,visual=0.3
+AVDIAG := $(VENV)/bin/avdiag
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/avdiag inspect examples/ogm_ge_planted.pt
+	@rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
+	$(AVDIAG) inspect examples/ogm_ge_planted.pt --json $(DEMO_DIR)/inspect.json
+	$(AVDIAG) reinit examples/ogm_ge_planted.pt --method abri --out $(DEMO_DIR)/ogm_ge_abri.pt --json $(DEMO_DIR)/reinit.json
+	$(AVDIAG) conflict $(DEMO_DIR)/ogm_ge_abri.pt --data $(DEMO_DATA) --batch-size 16 --json $(DEMO_DIR)/conflict.json
+	$(AVDIAG) report $(DEMO_DIR)/inspect.json $(DEMO_DIR)/reinit.json $(DEMO_DIR)/conflict.json \
+	  -o $(DEMO_DIR)/report.html --title "avdiag demo: examples/ogm_ge_planted.pt"
 
 system-deps:
 	@if command -v espeak-ng >/dev/null && command -v flite >/dev/null; then :; \
@@ -36,8 +47,9 @@ test: $(VENV)/.test-installed system-deps
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/startup_bench.py
 	$(PY) benchmarks/inspect_bench.py
 	$(PY) benchmarks/probe_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis $(DEMO_DIR)

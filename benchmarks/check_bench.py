@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: one ``avdiag.check.check_paths`` call over many checkpoints against one
+"""Benchmark: one ``avdiag.workflows.check.check`` call over many checkpoints against one
 ``python -m avdiag inspect`` process per checkpoint.
 
 Acceptance target (from the issue): checking 50 small checkpoints in one process is at
@@ -14,10 +14,10 @@ What one invocation does:
    trained-looking BN statistics, a few dead channels planted per file (seeded by the
    file's number); even-numbered files as ``torch.save({'model': sd})`` ``.pt``, odd ones
    as ``.safetensors``.
-2. Warms the page cache with one untimed ``check_paths`` over the folder.
+2. Warms the page cache with one untimed ``check`` over the folder.
 3. Times, in this one run:
 
-   A  ``check_paths([folder])`` in this process (avdiag already imported), with the
+   A  ``check([folder])`` in this process (avdiag already imported), with the
       default policy (no SHA-256);
    A' the same in a fresh child process, its interpreter start and imports included
       (what ``avdiag check folder/`` costs end to end);
@@ -89,17 +89,17 @@ def build(folder: Path, n: int, width: int) -> list[Path]:
 
 
 def time_check_in_process(folder: Path) -> tuple[float, object]:
-    from avdiag.check import Policy, check_paths
+    from avdiag.workflows.check import Policy, check
 
     policy = Policy()  # the defaults: the benchmark must not pick up a policy from the cwd
     start = time.perf_counter()
-    result = check_paths([str(folder)], policy)
+    result = check([str(folder)], policy)
     return time.perf_counter() - start, result
 
 
 def time_check_child(folder: Path) -> float:
-    code = ("import sys; from avdiag.check import Policy, check_paths; "
-            "r = check_paths([sys.argv[1]], Policy()); "
+    code = ("import sys; from avdiag.workflows.check import Policy, check; "
+            "r = check([sys.argv[1]], Policy()); "
             "sys.exit(0 if all(f.analysed for f in r.files) else 3)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio, ratio_child = b / a, b / a_child
     print()
     print(f"{'approach':58} {'seconds':>8} {'per file':>9}")
-    print(f"{'A   check_paths, one call, in process':58} {a:8.2f} {1000 * a / n:7.0f} ms")
-    print(f"{'A2  check_paths in a fresh process (start + imports)':58} {a_child:8.2f} {1000 * a_child / n:7.0f} ms")
+    print(f"{'A   check, one call, in process':58} {a:8.2f} {1000 * a / n:7.0f} ms")
+    print(f"{'A2  check in a fresh process (start + imports)':58} {a_child:8.2f} {1000 * a_child / n:7.0f} ms")
     print(f"{'B   python -m avdiag inspect -q --no-hash, one per file':58} {b:8.2f} {1000 * b / n:7.0f} ms")
     print()
     print(f"B/A  = {ratio:.1f}x  (target >= {args.target:g}x): {'PASS' if ratio >= args.target else 'FAIL'}")

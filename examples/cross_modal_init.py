@@ -15,8 +15,8 @@ run on a CPU in minutes:
    per recipe (b) cross-modal init, (c) cross-modal init + ABRi (``avdiag.rewrite.abri.convert`` before training,
    ``abri.merge`` after);
 4. every encoder is saved and diagnosed by avdiag itself: static dead channels (z < -3 rule) with
-   ``avdiag.inspect_checkpoint`` and measured dead channels (activation probe on the test split)
-   with ``ProbeOptions``, the model built by a factory of this module
+   ``avdiag.inspect`` and measured dead channels (activation probe on the test split) with
+   ``avdiag.inspect(..., data=avdiag.DataSource(...))``, the model built by a factory of this module
    (``cross_modal_init:audio_model`` etc., importable once ``examples/`` is on ``sys.path``).
 
 Run::
@@ -257,15 +257,15 @@ class Diagnosis:
 def diagnose(path: Path, prefix: str, modality: str, probes: dict[str, tuple[str, str]]) -> Diagnosis:
     """Static scan of ``path`` and one activation probe per entry of ``probes``
     ({label: (model factory, data spec)}, the test split), all through avdiag."""
-    static = avdiag.inspect_checkpoint(path, modality={modality: prefix}, hash_file=False)
+    subject = avdiag.Subject.open(path, avdiag.LoadOptions(modality={modality: prefix}))
+    static = avdiag.inspect(subject, hash_file=False)
     m = static.modalities[modality]
     relu = sum(v.layer.channels for v in static.layers
                if v.layer.modality == modality and v.layer.feeds_activation == "yes")
     out = Diagnosis(m.n_dead, m.n_abnormal, m.n_bn_channels, relu)
     for label, (factory, data) in probes.items():
-        probed = avdiag.inspect_checkpoint(
-            path, modality={modality: prefix}, hash_file=False,
-            probe=avdiag.ProbeOptions(data=data, split="test", model=factory, device="cpu", batch_size=64))
+        probed = avdiag.inspect(subject, hash_file=False, data=avdiag.DataSource(
+            data, split="test", model=factory, device="cpu", batch_size=64))
         pm = probed.modalities[modality]
         if probed.probe.missing_layers:
             raise RuntimeError(f"{path.name}: the probe never reached {probed.probe.missing_layers}")

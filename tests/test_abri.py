@@ -363,3 +363,73 @@ def test_root_module_and_layers_without_running_stats():
     merged, report = merge(abri, loader=[x])
     assert report.stats == "batch" and report.layers == {"": "batch"} and merged.running_mean is None
     assert torch.allclose(merged.eval()(x), ref, atol=1e-6)
+
+
+# --- the registered method on its own (no writing, no verification) --------------------------------
+
+
+def _method_input(tmp_path, modality: str | None = None):
+    """The rewrite input of a saved `_pretrained()` encoder: its file opened once and scanned statically."""
+    from avdiag.measure.thresholds import Thresholds
+    from avdiag.rewrite.methods import RewriteInput
+    from avdiag.workflows.inspect import scan
+    from avdiag.workflows.subject import Subject
+
+    path = tmp_path / "encoder.pt"
+    torch.save(_pretrained().state_dict(), path)
+    subject = Subject.open(path)
+    return RewriteInput(subject.ckpt, subject.located, scan(subject, Thresholds(), hash_file=False).layers, modality)
+
+
+def test_abri_method_folds_the_flagged_channel(tmp_path):
+    from avdiag.rewrite import methods
+    from avdiag.rewrite.methods.abri import AbriOptions
+
+    target = _method_input(tmp_path)
+    sd = _pretrained().state_dict()
+    layer, channel = DEAD
+    rewrite = methods.get("abri").apply(target, AbriOptions(alpha=0.25, stats="reset"))
+    assert sorted(rewrite.tensors) == sorted(f"{layer}.{role}" for role in
+                                             ("weight", "bias", "running_mean", "running_var"))
+    expected = {
+        "weight": (0.25 * sd[f"{layer}.weight"].double() + 0.75).float(),
+        "bias": (0.25 * sd[f"{layer}.bias"].double()).float(),
+        "running_mean": torch.zeros_like(sd[f"{layer}.running_mean"]),
+        "running_var": torch.ones_like(sd[f"{layer}.running_var"])}
+    for role, value in expected.items():
+        new, old = rewrite.tensors[f"{layer}.{role}"], sd[f"{layer}.{role}"]
+        assert new.dtype == old.dtype and new[channel] == value[channel], role
+        others = [c for c in range(len(old)) if c != channel]
+        assert torch.equal(new[others], old[others]), f"{role}: only channel {channel} may change"
+    assert rewrite.parameters == {"method": "abri", "mode": "fold", "alpha": 0.25, "scope": "flagged",
+                                  "modality": None, "running_stats": "reset", "layers": [layer],
+                                  "channels": {layer: [channel]}}
+    assert rewrite.diagnosis == {}
+
+
+def test_abri_method_scopes_and_module_keys(tmp_path):
+    from avdiag.rewrite import methods
+    from avdiag.rewrite.methods.abri import AbriOptions
+
+    target = _method_input(tmp_path)
+    every_bn = sorted(n for n, m in _pretrained().named_modules() if isinstance(m, nn.BatchNorm2d))
+    everything = methods.get("abri").apply(target, AbriOptions(scope="all"))
+    assert everything.parameters["layers"] == every_bn and everything.parameters["channels"] == {}
+    assert len(everything.tensors) == 4 * len(every_bn)
+    module = methods.get("abri").apply(target, AbriOptions(mode="module", per_channel=True, alpha=0.3))
+    c = _pretrained().bn1.num_features
+    assert sorted(module.tensors) == sorted(f"{DEAD[0]}.{leaf}" for leaf in EXTRA)
+    assert torch.equal(module.tensors[f"{DEAD[0]}.abri_alpha"], torch.full((c,), 0.3))
+
+
+def test_abri_method_data_stats_without_data_is_a_usage_error(tmp_path):
+    from avdiag.errors import UsageError
+    from avdiag.rewrite import methods
+    from avdiag.rewrite.methods.abri import AbriOptions
+
+    method = methods.get("abri")
+    with pytest.raises(UsageError, match="^--stats data needs --data$"):
+        method.validate(AbriOptions(stats="data"), False)
+    method.validate(AbriOptions(stats="data"), True)
+    with pytest.raises(UsageError, match="^--stats data needs --data$"):  # apply checks it on its own too
+        method.apply(_method_input(tmp_path), AbriOptions(stats="data"))

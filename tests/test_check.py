@@ -26,19 +26,21 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import avdiag.check as check_module  # noqa: E402
-from avdiag.check import RULE_IDS, CheckResult, Policy, check_paths, expand_paths  # noqa: E402
+import avdiag.workflows.check as check_module  # noqa: E402
+from avdiag import findings  # noqa: E402
+from avdiag.workflows.check import RULE_IDS, CheckResult, Policy, check, expand_paths  # noqa: E402
 from avdiag.errors import UsageError  # noqa: E402
 from avdiag.models import OGMGEClassifier  # noqa: E402
 from avdiag.report.ci import (  # noqa: E402
     FINGERPRINT_KEY,
     github_annotations,
+    github_outputs,
     job_summary,
     junit_xml,
-    render_check,
     sarif,
-    write_reports,
+    sarif_json,
 )
+from avdiag.report.terminal.check import render_check  # noqa: E402
 from layout_fixtures import realistic_bn  # noqa: E402
 from malicious import ASYNC_PAYLOADS, MALICIOUS, NAMES_GLOBAL  # noqa: E402
 
@@ -121,21 +123,23 @@ def _policy(tmp_path: Path, text: str, name: str = "avdiag.toml") -> Policy:
 
 
 def test_good_folder_passes(at):
-    result = check_paths(["good"])
+    result = check(["good"])
     assert result.exit_code == 0
     assert [f.path for f in result.files] == ["good/clean.pt", "good/clean.safetensors"]
     for f in result.files:
         assert f.status == "pass" and f.violations == [] and f.error is None
         assert f.inspection["n_bn_channels"] == 1200 and f.inspection["n_dead"] == 0
         assert f.inspection["sha256"] is None  # check skips the hash unless the policy asks
-    d = result.to_dict()
-    json.dumps(d, allow_nan=False)
-    assert d["schema_version"] == "1.0" and d["tool"]["command"] == "check"
+    d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert d["schema_version"] == "1.1" and d["tool"]["command"] == "check"
+    assert d["checkpoints"] == [{"path": "good/clean.pt", "format": "torch-zip", "sha256": None},
+                                {"path": "good/clean.safetensors", "format": "safetensors", "sha256": None}]
     assert d["summary"]["exit_code"] == 0 and d["summary"]["n_pass"] == 2
+    assert d["summary"]["text"] == result.summary_line()
 
 
 def test_bad_folder_dead_channels_and_nan(at):
-    result = check_paths(["bad"])
+    result = check(["bad"])
     assert result.exit_code == 1
     files = _by_path(result)
     dead, nan = files["bad/dead.pt"], files["bad/nan.pt"]
@@ -148,48 +152,48 @@ def test_bad_folder_dead_channels_and_nan(at):
 
 
 def test_unreadable_is_an_error(at):
-    result = check_paths(["unreadable"])
+    result = check(["unreadable"])
     assert result.exit_code == 2
     (f,) = result.files
     assert f.status == "error" and _rules(f) == ["unreadable"] and f.inspection is None and f.error
 
 
 def test_lfs_pointer_is_never_a_pass(at, tmp_path):
-    result = check_paths(["lfs"])
+    result = check(["lfs"])
     assert result.exit_code == 2
     (f,) = result.files
     assert _rules(f) == ["lfs-pointer"] and "git lfs pull" in f.error
-    as_violation = check_paths(["lfs"], Policy(on_nothing_analysed="violation"))
+    as_violation = check(["lfs"], Policy(on_nothing_analysed="violation"))
     assert as_violation.exit_code == 1 and as_violation.files[0].status == "fail"
-    as_pass = check_paths(["lfs/model.safetensors"], Policy(on_nothing_analysed="pass"))
+    as_pass = check(["lfs/model.safetensors"], Policy(on_nothing_analysed="pass"))
     assert as_pass.exit_code == 0
-    (v,) = as_pass.files[0].violations  # still reported, as a note
-    assert (v.rule_id, v.severity) == ("lfs-pointer", "note")
+    (v,) = as_pass.files[0].violations  # still reported, as info
+    assert (v.rule_id, v.severity) == ("lfs-pointer", "info")
 
 
 def test_empty_folder_and_glob_without_match(at):
     for paths in (["empty"], ["nowhere/*.pt"], ["missing.pt"], ["docs"], ["docs/*"]):
-        result = check_paths(paths)
+        result = check(paths)
         assert result.exit_code == 2, paths
         assert result.unmatched == paths
         (f,) = result.files
         assert f.kind == "pattern" and _rules(f) == ["nothing-analysed"], paths
-    assert check_paths(["empty"], Policy(on_nothing_analysed="violation")).exit_code == 1
-    passed = check_paths(["empty"], Policy(on_nothing_analysed="pass"))
-    assert passed.exit_code == 0 and passed.files[0].violations[0].severity == "note"
+    assert check(["empty"], Policy(on_nothing_analysed="violation")).exit_code == 1
+    passed = check(["empty"], Policy(on_nothing_analysed="pass"))
+    assert passed.exit_code == 0 and passed.files[0].violations[0].severity == "info"
     assert "matched no checkpoint" in passed.summary_line()
 
 
 def test_everything_excluded_analyses_nothing(at, tmp_path):
     policy = _policy(tmp_path, '[check]\nexclude = ["good/*"]\n')
     policy.root = at
-    result = check_paths(["good"], policy)
+    result = check(["good"], policy)
     assert result.exit_code == 2 and result.excluded == ["good/clean.pt", "good/clean.safetensors"]
     assert [(f.kind, _rules(f)) for f in result.files] == [("run", ["nothing-analysed"])]
 
 
 def test_one_run_over_everything_does_not_abort(at):
-    result = check_paths(["good", "bad", "unreadable", "lfs", "empty", "nowhere/*.pt"])
+    result = check(["good", "bad", "unreadable", "lfs", "empty", "nowhere/*.pt"])
     assert result.exit_code == 2  # errors win over violations
     status = {f.path: f.status for f in result.files}
     assert status == {"good/clean.pt": "pass", "good/clean.safetensors": "pass", "bad/dead.pt": "fail",
@@ -200,7 +204,7 @@ def test_one_run_over_everything_does_not_abort(at):
 
 
 def test_malicious_checkpoints_never_run_and_never_pass(at):
-    result = check_paths(["mal"])
+    result = check(["mal"])
     if any(name in ASYNC_PAYLOADS for name, _ in MALICIOUS):
         time.sleep(0.5)  # a payload that spawned a child would have created its sentinel by now
     assert not any((at / "sentinels").iterdir()), "a payload ran"
@@ -215,7 +219,7 @@ def test_malicious_checkpoints_never_run_and_never_pass(at):
             assert rule == "unsafe-pickle" and f.status == "fail", f.path
     assert result.exit_code == 2  # TorchScript and protocol-0 payloads are unreadable, not just unsafe
     # unsafe pickles alone are findings: exit 1, not 2
-    unsafe_only = check_paths([f"mal/{name}" for name in sorted(NAMES_GLOBAL)])
+    unsafe_only = check([f"mal/{name}" for name in sorted(NAMES_GLOBAL)])
     assert unsafe_only.exit_code == 1
     assert {v.rule_id for v in unsafe_only.violations} == {"unsafe-pickle"}
     assert "os.system" in _by_path(unsafe_only)["mal/handzip_os_system/model.pt"].error
@@ -223,9 +227,9 @@ def test_malicious_checkpoints_never_run_and_never_pass(at):
 
 def test_allow_globals_and_unsafe_refused(at):
     with pytest.raises(UsageError, match="full pickle"):
-        check_paths(["good"], inspect_kwargs={"unsafe": True})
+        check(["good"], inspect_options={"unsafe": True})
     with pytest.raises(UsageError, match="at least one"):
-        check_paths([])
+        check([])
 
 
 # ---- paths --------------------------------------------------------------------------------------
@@ -267,15 +271,15 @@ def test_policy_from_avdiag_toml(at, tmp_path, monkeypatch):
     assert policy.source == str(tmp_path / "avdiag.toml")
     assert policy.rules["dead-channels"].params["max_ratio"] == 0.5
     monkeypatch.chdir(at)
-    result = check_paths(["bad/dead.pt"], policy)
+    result = check(["bad/dead.pt"], policy)
     (v,) = result.files[0].violations  # the modality passes at 50%, the fully dead layer3 BN does not
     assert (v.rule_id, v.location, v.location_kind) == ("dead-channels", "audio_net.layer3.0.bn1", "layer")
     assert result.exit_code == 1
     relaxed = _policy(tmp_path, '[check.rules]\ndead-channels = { modalities = { audio = 0.1 } }\n')
-    assert check_paths(["bad/dead.pt"], relaxed).exit_code == 0
+    assert check(["bad/dead.pt"], relaxed).exit_code == 0
     # the [inspect] table reaches the scan: with dead_z = -100 nothing is dead
     blind = _policy(tmp_path, "[check.inspect]\ndead_z = -100.0\n")
-    assert check_paths(["bad/dead.pt"], blind).exit_code == 0
+    assert check(["bad/dead.pt"], blind).exit_code == 0
 
 
 def test_policy_from_pyproject(at, tmp_path, monkeypatch):
@@ -287,12 +291,12 @@ def test_policy_from_pyproject(at, tmp_path, monkeypatch):
         'nonfinite-tensor = "warning"\n')
     policy = Policy.load(cwd=tmp_path)
     assert policy.source == str(tmp_path / "pyproject.toml") and policy.rules["nonfinite-tensor"].severity == "warning"
-    result = check_paths(["bad/nan.pt"], policy)
+    result = check(["bad/nan.pt"], policy)
     assert result.exit_code == 0
     (v,) = result.files[0].violations
     assert (v.rule_id, v.severity, v.outcome) == ("nonfinite-tensor", "warning", "report")
     strict = policy.with_overrides(fail_on="warning")
-    assert check_paths(["bad/nan.pt"], strict).exit_code == 1
+    assert check(["bad/nan.pt"], strict).exit_code == 1
     # avdiag.toml wins over pyproject.toml; no policy at all gives the defaults
     (tmp_path / "avdiag.toml").write_text('[check]\nfail_on = "warning"\n')
     assert Policy.load(cwd=tmp_path).source.endswith("avdiag.toml")
@@ -328,7 +332,7 @@ def test_suppressions_per_path(at, tmp_path):
     policy = _policy(tmp_path, "[[check.suppress]]\npath = 'bad/dead.pt'\nrules = ['dead-channels']\n"
                                "reason = 'known: audio encoder from ImageNet'\n")
     policy.root = at
-    result = check_paths(["bad"], policy)
+    result = check(["bad"], policy)
     files = _by_path(result)
     assert files["bad/dead.pt"].status == "pass" and files["bad/nan.pt"].status == "fail"
     (v,) = files["bad/dead.pt"].violations  # kept in the report, not failing
@@ -340,19 +344,19 @@ def test_suppressions_per_path(at, tmp_path):
     # a location glob that does not match leaves the violation alone
     other = _policy(tmp_path, "[[check.suppress]]\npath = 'bad/*'\nlocations = ['modality:visual']\nreason = 'r'\n")
     other.root = at
-    assert _by_path(check_paths(["bad/dead.pt"], other))["bad/dead.pt"].status == "fail"
+    assert _by_path(check(["bad/dead.pt"], other))["bad/dead.pt"].status == "fail"
     everything = _policy(tmp_path, "[[check.suppress]]\npath = 'bad/'\nreason = 'legacy models'\n")
     everything.root = at
-    assert check_paths(["bad"], everything).exit_code == 0
+    assert check(["bad"], everything).exit_code == 0
     # suppressions never hide files that could not be read
-    assert check_paths(["unreadable"], everything).exit_code == 2
+    assert check(["unreadable"], everything).exit_code == 2
 
 
 def test_data_rules_configured_without_data_are_reported_not_evaluated(at, tmp_path):
     policy = _policy(tmp_path, "[check.rules]\nmodality-contribution = { severity = 'error', min_share = 0.3 }\n"
                                "modality-conflict = 'warning'\n")
     assert policy.rules["modality-contribution"].params["min_share"] == 0.3
-    result = check_paths(["good/clean.pt"], policy)
+    result = check(["good/clean.pt"], policy)
     assert result.exit_code == 0  # not a failure, but never a silent pass:
     (f,) = result.files
     assert [n["rule_id"] for n in f.not_evaluated] == ["modality-contribution", "modality-conflict"]
@@ -377,22 +381,22 @@ def test_rule_table_documents_every_rule():
 
 
 def test_baseline_growth_fails_no_growth_passes(at, tmp_path):
-    grown = check_paths(["grown/clean.pt"], baseline="good/clean.pt")
+    grown = check(["grown/clean.pt"], baseline="good/clean.pt")
     assert grown.exit_code == 1
     (v,) = grown.files[0].violations
     assert (v.rule_id, v.location) == ("dead-channels-growth", "modality:audio")
     assert "0 -> 2" in v.message and "audio_net.layer1.0.bn1 (+2)" in v.message
     assert grown.files[0].baseline["modalities"]["audio"]["growth"] == 2
-    assert check_paths(["good/clean.pt"], baseline="good/clean.pt").exit_code == 0
-    assert check_paths(["good/clean.pt"], baseline="grown/clean.pt").exit_code == 0  # fewer dead: fine
+    assert check(["good/clean.pt"], baseline="good/clean.pt").exit_code == 0
+    assert check(["good/clean.pt"], baseline="grown/clean.pt").exit_code == 0  # fewer dead: fine
     lenient = _policy(tmp_path, "[check.rules]\ndead-channels-growth = { max_growth = 2 }\n")
-    assert check_paths(["grown/clean.pt"], lenient, baseline="good/clean.pt").exit_code == 0
+    assert check(["grown/clean.pt"], lenient, baseline="good/clean.pt").exit_code == 0
     by_ratio = _policy(tmp_path, "[check.rules]\ndead-channels-growth = { max_growth = 100, max_ratio_growth = 0.001 }\n")
-    assert check_paths(["grown/clean.pt"], by_ratio, baseline="good/clean.pt").exit_code == 1
+    assert check(["grown/clean.pt"], by_ratio, baseline="good/clean.pt").exit_code == 1
 
 
 def test_baseline_folder_of_same_named_files(at):
-    result = check_paths(["grown"], baseline="good")
+    result = check(["grown"], baseline="good")
     files = _by_path(result)
     assert files["grown/clean.pt"].status == "fail"
     assert files["grown/clean.pt"].baseline["path"] == "good/clean.pt"
@@ -401,10 +405,10 @@ def test_baseline_folder_of_same_named_files(at):
     assert [n["rule_id"] for n in lone.not_evaluated] == ["dead-channels-growth"]
     assert result.exit_code == 1
     with pytest.raises(UsageError, match="same-named"):
-        check_paths(["good"], baseline="good/clean.pt")
+        check(["good"], baseline="good/clean.pt")
     with pytest.raises(UsageError, match="no such"):
-        check_paths(["good"], baseline="old_models")
-    broken = check_paths(["good/clean.pt"], baseline="unreadable/trunc.pt")
+        check(["good"], baseline="old_models")
+    broken = check(["good/clean.pt"], baseline="unreadable/trunc.pt")
     assert broken.exit_code == 2
     (v,) = broken.files[0].violations
     assert (v.rule_id, v.location) == ("unreadable", "baseline")
@@ -425,7 +429,7 @@ def test_sarif_validates_and_fingerprints_are_stable(at, tmp_path, monkeypatch):
     validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
     policy = Policy(on_nothing_analysed="error")
     paths = ["good", "bad", "unreadable", "lfs", "grown/clean.pt", "nowhere/*.pt", "mal/zip_os_popen"]
-    first = check_paths(paths, policy)
+    first = check(paths, policy)
     log = sarif(first)
     errors = sorted(validator.iter_errors(log), key=lambda e: list(e.absolute_path))
     assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
@@ -450,7 +454,7 @@ def test_sarif_validates_and_fingerprints_are_stable(at, tmp_path, monkeypatch):
     for name in ("good", "bad", "unreadable", "lfs", "grown", "mal/zip_os_popen"):
         shutil.copytree(at / name, copy / name)
     monkeypatch.chdir(copy)
-    second = sarif(check_paths(paths, policy))
+    second = sarif(check(paths, policy))
     prints = lambda lg: sorted((r["ruleId"], r["partialFingerprints"][FINGERPRINT_KEY])  # noqa: E731
                                for r in lg["runs"][0]["results"])
     assert prints(log) == prints(second)
@@ -458,7 +462,7 @@ def test_sarif_validates_and_fingerprints_are_stable(at, tmp_path, monkeypatch):
 
 
 def test_junit_one_testcase_per_file_and_rule(at):
-    result = check_paths(["good/clean.pt", "bad", "unreadable", "empty"])
+    result = check(["good/clean.pt", "bad", "unreadable", "empty"])
     root = ET.fromstring(junit_xml(result))
     suites = {s.get("name"): s for s in root.iter("testsuite")}
     assert list(suites) == ["good/clean.pt", "bad/dead.pt", "bad/nan.pt", "unreadable/trunc.pt", "empty"]
@@ -482,43 +486,41 @@ def test_junit_one_testcase_per_file_and_rule(at):
     assert int(root.get("tests")) == sum(len(f.rules) for f in result.files)
 
 
-def test_github_annotations_and_job_summary(at, tmp_path, monkeypatch, capsys):
-    summary_file = tmp_path / "summary.md"
-    summary_file.write_text("earlier step\n")
-    monkeypatch.setenv("GITHUB_ACTIONS", "true")
-    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary_file))
-    result = check_paths(["good", "bad", "unreadable", "nowhere/*.pt"])
-    junit, sarif_path = tmp_path / "out.xml", tmp_path / "out.sarif"
-    write_reports(result, console=Console(file=io.StringIO()), junit_out=junit, sarif_out=sarif_path)
-    out = capsys.readouterr().out.splitlines()
-    annotations = [line for line in out if line.startswith("::")]
-    assert annotations == github_annotations(result)
+def test_github_annotations_and_job_summary(at):
+    result = check(["good", "bad", "unreadable", "nowhere/*.pt"])
+    assert github_outputs(result, environ={"GITHUB_ACTIONS": "false"}) is None  # only under GitHub Actions
+    out = github_outputs(result, environ={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": "/tmp/summary.md"})
+    annotations = out.annotations
+    assert annotations == github_annotations(result) == github_annotations(result.to_dict())
     assert any(line.startswith("::error file=bad/dead.pt,title=avdiag dead-channels (modality%3Aaudio)::audio: 40/600")
                for line in annotations)
     assert any(line.startswith(f"::error file=bad/nan.pt,title=avdiag nonfinite-tensor ({NAN_TENSOR})::")
                for line in annotations)
     assert any(line.startswith("::error title=avdiag nothing-analysed::nowhere/*.pt") for line in annotations)
     assert len(annotations) == 4
-    text = summary_file.read_text()
-    assert text.startswith("earlier step\n") and "## avdiag check failed: errors" in text
-    assert "| `bad/dead.pt` | **fail** | dead-channels |" in text
-    assert ET.parse(junit).getroot().tag == "testsuites"
-    assert json.loads(sarif_path.read_text())["version"] == "2.1.0"
-    # --json -: stdout is the JSON and nothing else; the annotations go to stderr
-    write_reports(result, json_out="-")
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["summary"]["exit_code"] == 2
-    assert "::error file=bad/dead.pt" in captured.err
-    # outside GitHub Actions: no annotations, no summary
-    monkeypatch.setenv("GITHUB_ACTIONS", "false")
-    before = summary_file.read_text()
-    write_reports(result, console=Console(file=io.StringIO()))
-    assert not any(line.startswith("::") for line in capsys.readouterr().out.splitlines())
-    assert summary_file.read_text() == before
+    assert out.summary_path == "/tmp/summary.md" and out.summary == job_summary(result)
+    assert out.summary.startswith("## avdiag check failed: errors\n")
+    assert "| `bad/dead.pt` | **fail** | dead-channels |" in out.summary
+    assert github_outputs(result, environ={"GITHUB_ACTIONS": "true"}).summary_path is None
+    # an info violation is a notice
+    info = check(["empty"], Policy(on_nothing_analysed="pass"))
+    assert [line.split(" ", 1)[0] for line in github_annotations(info)] == ["::notice"]
+
+
+def test_ci_outputs_are_text_built_from_the_json_document(at, tmp_path, monkeypatch):
+    """The builders return text and write nothing; the dict read back from the JSON gives the same output."""
+    result = check(["good", "bad", "unreadable", "empty"])
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    monkeypatch.chdir(tmp_path)
+    assert junit_xml(document) == junit_xml(result)
+    assert sarif(document) == sarif(result)
+    assert json.loads(sarif_json(result)) == sarif(result)
+    assert job_summary(document) == job_summary(result)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_terminal_rendering(at):
-    result = check_paths(["good/clean.pt", "bad", "unreadable"])
+    result = check(["good/clean.pt", "bad", "unreadable"])
     buffer = io.StringIO()
     render_check(result, Console(file=buffer, width=200, color_system=None))
     text = buffer.getvalue()
@@ -534,3 +536,81 @@ def test_readme_carries_the_check_documentation():
     doc = check_module.__doc__
     section = doc[doc.index("## `avdiag check`: a policy gate for CI"):].rstrip()
     assert section in (HERE.parent / "README.md").read_text()
+
+
+# ---- one vocabulary, one rule per unit, the result contract -------------------------------------
+
+
+def test_one_severity_vocabulary(at, tmp_path):
+    # 'note' is read as 'info' in a policy; the findings and the rules name severities alike
+    policy = _policy(tmp_path, "[check.rules]\npossibly-dead-channels = 'note'\nconstant-channels = { severity = 'info' }\n")
+    assert policy.rules["possibly-dead-channels"].severity == "info"
+    assert policy.rules["constant-channels"].severity == "info"
+    assert findings.RULES["dead-channels"][0] == Policy().rules["dead-channels"].severity == "error"
+    for rule_id, (severity, _) in findings.RULES.items():
+        assert severity in findings.SEVERITIES, rule_id
+    # SARIF's word for info is note; the JSON keeps info
+    info = check(["empty"], Policy(on_nothing_analysed="pass"))
+    (result,) = sarif(info)["runs"][0]["results"]
+    assert result["level"] == "note" and info.to_dict()["files"][0]["violations"][0]["severity"] == "info"
+    rules = {r["id"]: r for r in sarif(info)["runs"][0]["tool"]["driver"]["rules"]}
+    assert rules["nothing-analysed"]["defaultConfiguration"]["level"] == "note"
+    assert rules["constant-channels"]["defaultConfiguration"] == {"level": "none", "enabled": False}
+
+
+def test_a_new_rule_is_one_class(at, tmp_path):
+    """Registering one class makes a rule: policies configure it, the run evaluates it, reports list it."""
+    from avdiag.workflows.check.rules.base import REGISTRY, CheckRule, Found, Param, Verdict, count, register
+
+    @register
+    class TooManyLayers(CheckRule):
+        id = "too-many-bn-layers"
+        kind = "finding"
+        severity = "warning"
+        description = "more BatchNorm layers than allowed"
+        params = {"max_layers": Param(1000, count)}
+
+        def evaluate(self, facts, params):
+            n = len(facts.scan.layers)
+            if n <= params["max_layers"]:
+                return Verdict()
+            return Verdict([Found("", "file", f"{n} BatchNorm layers > {params['max_layers']}")])
+
+    try:
+        assert check(["good/clean.pt"]).exit_code == 0
+        strict = _policy(tmp_path, "[check.rules]\ntoo-many-bn-layers = { severity = 'error', max_layers = 3 }\n")
+        result = check(["good/clean.pt"], strict)
+        (v,) = result.violations
+        assert (v.rule_id, v.severity, result.exit_code) == ("too-many-bn-layers", "error", 1)
+        assert v.message.endswith("BatchNorm layers > 3") and "too-many-bn-layers" in result.files[0].rules
+        with pytest.raises(UsageError, match="max_layers must be a whole number"):
+            _policy(tmp_path, "[check.rules]\ntoo-many-bn-layers = { max_layers = -1 }\n")
+    finally:
+        del REGISTRY["too-many-bn-layers"]
+
+
+def test_to_frame_one_row_per_violation(at):
+    result = check(["good/clean.pt", "bad"])
+    frame = result.to_frame()
+    assert len(frame) == len(result.violations) == 2
+    assert sorted(zip(frame["path"], frame["rule_id"])) == [("bad/dead.pt", "dead-channels"),
+                                                            ("bad/nan.pt", "nonfinite-tensor")]
+    assert set(frame["status"]) == {"fail"}
+    empty = check(["good/clean.pt"]).to_frame()
+    assert len(empty) == 0 and "rule_id" in empty.columns
+
+
+def test_each_checkpoint_is_read_once(at, monkeypatch):
+    import avdiag.load
+
+    opened = []
+    real = avdiag.load.load_checkpoint
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(avdiag.load, "load_checkpoint", counting)
+    result = check(["grown"], baseline="good")
+    assert result.exit_code == 1
+    assert sorted(opened) == ["good/clean.pt", "grown/clean.pt", "grown/only_here.pt"]

@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avdiag.check import Policy, check_paths
-from avdiag.cli import main
 from avdiag.data import make_loader, open_dataset
-from avdiag.errors import UsageError
-from avdiag.inspection import ProbeOptions
+from avdiag.data.synthetic import SyntheticDataset
+from avdiag.errors import AvdiagError, UsageError
 from avdiag.models import OGMGEClassifier
 from avdiag.report.ci import junit_xml
+from avdiag.workflows.check import Policy, check
+from avdiag.workflows.datasource import DataSource
 
 CLASSES = 4
 DATA = "synthetic:n=40,classes=4,audio=1.0,visual=1.0,seed=0"  # the data check runs on: its test split
@@ -123,8 +123,8 @@ def _cosines(model: OGMGEClassifier, b: dict[str, torch.Tensor]) -> dict[str, fl
 # ---- running check --------------------------------------------------------------------------------
 
 
-def _data() -> ProbeOptions:
-    return ProbeOptions(DATA, split="test", batch_size=64, device="cpu")
+def _data() -> DataSource:
+    return DataSource(DATA, split="test", batch_size=64, device="cpu")
 
 
 def _policy(rules: dict) -> Policy:
@@ -141,7 +141,7 @@ def test_contribution_rule_flags_exactly_the_modalities_below_their_share(ckpts)
     assert share["visual"] < 0.2 < share["audio"]  # the audio-dominated model leans on audio
     limits = sorted({0.0, 0.2, 0.5, *(min(1.0, max(0.0, share[m] + d)) for m in share for d in (-0.01, 0.01))})
     for limit in limits:
-        result = check_paths([str(path)], _policy({"modality-contribution": {"severity": "error", "min_share": limit}}),
+        result = check([str(path)], _policy({"modality-contribution": {"severity": "error", "min_share": limit}}),
                              data=_data())
         figures = result.files[0].data["modalities"]
         for m in ("audio", "visual"):
@@ -155,7 +155,7 @@ def test_contribution_rule_flags_exactly_the_modalities_below_their_share(ckpts)
 
 def test_contribution_rule_rho_and_unimodal_accuracy(ckpts):
     path = ckpts["audio_dom"]
-    result = check_paths([str(path)], _policy({"modality-contribution": {"min_share": 0.0, "max_rho": 1.0,
+    result = check([str(path)], _policy({"modality-contribution": {"min_share": 0.0, "max_rho": 1.0,
                                                                          "min_unimodal_accuracy": 0.0}}), data=_data())
     d = result.files[0].data["modalities"]
     assert d["audio"]["rho"] > 1.0 > d["visual"]["rho"]  # OGM-GE: audio's score over visual's
@@ -163,7 +163,7 @@ def test_contribution_rule_rho_and_unimodal_accuracy(ckpts):
     found = _found(result, "modality-contribution")
     assert list(found) == ["modality:visual"] and "audio dominates" in found["modality:visual"]
     acc = d["visual"]["unimodal_accuracy"]
-    result = check_paths([str(path)], _policy({"modality-contribution": {
+    result = check([str(path)], _policy({"modality-contribution": {
         "min_share": 0.0, "min_unimodal_accuracy": {"visual": min(1.0, acc + 0.01)}}}), data=_data())
     assert "uni-modal accuracy" in _found(result, "modality-contribution")["modality:visual"]
 
@@ -171,7 +171,7 @@ def test_contribution_rule_rho_and_unimodal_accuracy(ckpts):
 def test_conflict_rule_on_both_sides_of_the_measured_cosine(ckpts):
     path = ckpts["balanced"]
     cos = _cosines(_model(path), _batch())
-    result = check_paths([str(path)], _policy({"modality-conflict": {"min_cos_mean": -1.0, "max_conflict_rate": 1.0}}),
+    result = check([str(path)], _policy({"modality-conflict": {"min_cos_mean": -1.0, "max_conflict_rate": 1.0}}),
                          data=_data())
     d = result.files[0].data
     assert d["n_batches"] == 1  # one batch covers the data: cos_mean is that batch's cosine
@@ -179,22 +179,21 @@ def test_conflict_rule_on_both_sides_of_the_measured_cosine(ckpts):
         assert d["modalities"][m]["cos_mean"] == pytest.approx(cos[m], abs=1e-5)
     assert _found(result, "modality-conflict") == {}
     m = min(cos, key=cos.get)
-    result = check_paths([str(path)], _policy({"modality-conflict": {"min_cos_mean": min(1.0, cos[m] + 1e-3),
+    result = check([str(path)], _policy({"modality-conflict": {"min_cos_mean": min(1.0, cos[m] + 1e-3),
                                                                      "max_conflict_rate": 1.0}}), data=_data())
     assert f"modality:{m}" in _found(result, "modality-conflict")
-    result = check_paths([str(path)], _policy({"modality-conflict": {"min_cos_mean": max(-1.0, min(cos.values()) - 1e-3),
+    result = check([str(path)], _policy({"modality-conflict": {"min_cos_mean": max(-1.0, min(cos.values()) - 1e-3),
                                                                      "max_conflict_rate": 1.0}}), data=_data())
     assert _found(result, "modality-conflict") == {}
 
 
-def test_baseline_fails_when_a_modality_contribution_fell(ckpts, capsys):
+def test_baseline_fails_when_a_modality_contribution_fell(ckpts):
     new, old = ckpts["cut"], ckpts["old_balanced"]
     before, after = _shares(_model(old), _batch()), _shares(_model(new), _batch())
     assert after["visual"] == 0.0 and before["visual"] > 0.05  # zeroed visual columns: no visual gain
-    code = main(["check", str(new), "--baseline", str(old), "--data", DATA, "--split", "test", "--batch-size", "64",
-                 "--device", "cpu", "--json", "-"])
-    d = json.loads(capsys.readouterr().out)
-    assert code == 1
+    result = check([str(new)], Policy(), baseline=str(old), data=_data())
+    d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert result.exit_code == 1 and d["summary"]["exit_code"] == 1
     f = d["files"][0]
     drops = [v for v in f["violations"] if v["rule_id"] == "modality-contribution-drop"]
     assert [v["location"] for v in drops] == ["modality:visual"] and drops[0]["outcome"] == "fail"
@@ -202,16 +201,16 @@ def test_baseline_fails_when_a_modality_contribution_fell(ckpts, capsys):
     assert summary["share_before"] == pytest.approx(before["visual"], abs=1e-9) and summary["share_after"] == 0.0
     assert f["baseline"]["modalities"]["audio"]["growth"] == 0  # the dead-channel comparison still runs
     # the same checkpoint as its own baseline: nothing fell
-    result = check_paths([str(old)], Policy(), baseline=str(old), data=_data())
+    result = check([str(old)], Policy(), baseline=str(old), data=_data())
     assert _found(result, "modality-contribution-drop") == {}
     assert "modality-contribution-drop" in result.files[0].rules
 
 
 def test_without_data_the_data_rules_are_silent_unless_configured(ckpts):
     path = str(ckpts["balanced"])
-    default = check_paths([path], Policy())
+    default = check([path], Policy())
     assert "modality-contribution" not in default.files[0].rules and not default.files[0].not_evaluated
-    configured = check_paths([path], _policy({"modality-contribution": "error"}))
+    configured = check([path], _policy({"modality-contribution": "error"}))
     f = configured.files[0]
     assert "modality-contribution" in f.rules and "modality-conflict" not in f.rules
     assert f.not_evaluated == [{"rule_id": "modality-contribution", "reason": "needs data: run check with --data"}]
@@ -221,7 +220,7 @@ def test_without_data_the_data_rules_are_silent_unless_configured(ckpts):
 
 
 def test_a_checkpoint_without_a_model_is_not_evaluated_on_data(ckpts):
-    result = check_paths([str(ckpts["plain"])], Policy(), data=_data())
+    result = check([str(ckpts["plain"])], Policy(), data=_data())
     f = result.files[0]
     assert f.status == "pass" and f.inspection is not None
     skipped = {n["rule_id"]: n["reason"] for n in f.not_evaluated}
@@ -242,21 +241,27 @@ def test_bad_data_rule_parameters_are_usage_errors(rules, needle):
         _policy(rules)
 
 
-def test_bad_data_spec_is_a_one_line_error(ckpts, capsys):
-    code = main(["check", str(ckpts["balanced"]), "--data", "synthetic:n=4,bogus=1"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "bogus" in err
+def test_bad_data_spec_is_a_one_line_error_before_any_checkpoint(ckpts, monkeypatch):
+    import avdiag.load
+
+    monkeypatch.setattr(avdiag.load, "load_checkpoint", lambda *a, **k: pytest.fail("a checkpoint was read"))
+    with pytest.raises(AvdiagError) as caught:
+        check([str(ckpts["balanced"])], Policy(), data=DataSource("synthetic:n=4,bogus=1"))
+    message = str(caught.value)
+    assert "bogus" in message and "\n" not in message
 
 
-def test_check_report_shows_the_data_figures(ckpts, tmp_path, capsys):
+def test_check_report_shows_the_data_figures(ckpts, tmp_path):
     from test_report import _parse, _png, _table
+
+    from avdiag.workflows.report import report as write_report
 
     report, md = tmp_path / "check.html", tmp_path / "check.md"
     paths = [str(ckpts["audio_dom"]), str(ckpts["balanced"])]
-    code = main(["check", *paths, "--data", DATA, "--split", "test", "--batch-size", "64", "--device", "cpu",
-                 "--report", str(report), "-q"])
-    capsys.readouterr()
-    assert code == 0  # data rules are warnings by default
+    result = check(paths, Policy(), data=_data())
+    assert result.exit_code == 0  # data rules are warnings by default
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    write_report([document], report)
     (section,) = _parse(report.read_text()).sections
     assert section["command"] == "check" and section["charts"] == ["check-shares"]
     image = _png(section["images"][0]["src"])
@@ -266,8 +271,7 @@ def test_check_report_shows_the_data_figures(ckpts, tmp_path, capsys):
     expected = _shares(_model(ckpts["audio_dom"]), _batch())
     audio_dom = next(p for p, _ in shares if p.endswith("audio_dom.pt"))
     assert shares[(audio_dom, "visual")] == pytest.approx(expected["visual"], abs=1e-3)
-    main(["check", *paths, "--data", DATA, "--split", "test", "--batch-size", "64", "--device", "cpu",
-          "--report", str(md), "-q"])
+    write_report([document], md)
     assert "contribution share" in md.read_text()
 
 
@@ -277,7 +281,7 @@ def test_data_violations_in_sarif_and_junit(ckpts):
 
     schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
     policy = _policy({"modality-contribution": "error", "modality-conflict": {"min_cos_mean": 1.0}})
-    result = check_paths([str(ckpts["audio_dom"]), str(ckpts["cut"])], policy, data=_data())
+    result = check([str(ckpts["audio_dom"]), str(ckpts["cut"])], policy, data=_data())
     log = sarif(result)
     assert not list(jsonschema.Draft7Validator(schema).iter_errors(log))
     results = log["runs"][0]["results"]
@@ -295,8 +299,32 @@ def test_data_violations_in_sarif_and_junit(ckpts):
 
 
 def test_data_without_both_modalities_leaves_the_data_rules_not_evaluated(ckpts):
-    data = ProbeOptions("synthetic:n=8,classes=4,visual=none", split="test", batch_size=8, device="cpu")
-    result = check_paths([str(ckpts["balanced"])], Policy(), data=data)
+    data = DataSource("synthetic:n=8,classes=4,visual=none", split="test", batch_size=8, device="cpu")
+    result = check([str(ckpts["balanced"])], Policy(), data=data)
     reasons = {n["rule_id"]: n["reason"] for n in result.files[0].not_evaluated}
     assert set(reasons) >= {"modality-contribution", "modality-conflict"}
     assert "visual" in reasons["modality-contribution"] and result.exit_code == 0
+
+
+def test_the_data_is_decoded_once_for_every_checkpoint_and_the_baseline(ckpts, monkeypatch):
+    """Three checkpoints and a baseline, with the probe and both data rules: every sample is read once."""
+    reads: list[int] = []
+    real = SyntheticDataset.__getitem__
+
+    def counting(self, i):
+        reads.append(int(i))
+        return real(self, i)
+
+    monkeypatch.setattr(SyntheticDataset, "__getitem__", counting)
+    paths = [str(ckpts[name]) for name in ("audio_dom", "balanced", "cut")]
+    data = _data()
+    n = len(open_dataset(DATA, split="test"))
+    result = check(paths, Policy(), data=data)
+    assert len(reads) == n and sorted(reads) == list(range(n))
+    assert [f.status for f in result.files] == ["pass"] * 3
+    assert all(f.data["n_samples"] == n for f in result.files)  # each checkpoint ran on all of it
+    assert all("measured dead" in f.inspection["text"] for f in result.files)  # the probe used it too
+    reads.clear()
+    result = check([paths[2]], Policy(), baseline=str(ckpts["old_balanced"]), data=data)
+    assert len(reads) == n  # the baseline ran on the same decoded batches
+    assert result.files[0].baseline["contribution"]["visual"]["share_after"] == 0.0

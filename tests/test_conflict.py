@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from avdiag.data import make_loader, open_dataset
-from avdiag.measure.conflict import ConflictResult, measure_conflict, mmpareto_weights
+from avdiag.measure.conflict import GradientConflict, ModalityConflict, measure_conflict, mmpareto_weights
 from avdiag.models import ConcatFusion, MMParetoClassifier, OGMGEClassifier
 from avdiag.models.parts import AVParts, av_parts
 
@@ -202,7 +202,7 @@ def test_batch_figures_match_reference(name, train_mode, per_sample, batches):
         assert any(r.modalities[m].conflict for r in result.batches for m in ("audio", "visual"))
 
 
-@pytest.mark.parametrize("method", ["hooks", "vmap"])
+@pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_per_sample_cosines_match_loop(name, method, batches):
     model, layout = build(name, seed=1)
@@ -217,7 +217,7 @@ def test_per_sample_cosines_match_loop(name, method, batches):
         assert s.label == r["label"]
         assert close(s.cos_audio, r["cos_audio"]), (s.index, s.cos_audio, r["cos_audio"])
         assert close(s.cos_visual, r["cos_visual"]), (s.index, s.cos_visual, r["cos_visual"])
-    frame = result.samples_frame()
+    frame = result.to_frame()
     assert list(frame.columns) == ["index", "label", "cos_audio", "cos_visual"] and len(frame) == 12
     worst = result.most_conflicting("visual", 3)
     lowest = sorted(r["cos_visual"] for r in ref)[:3]
@@ -257,18 +257,18 @@ def test_shared_pass_equals_separate_passes(batches):
 
 def test_direct_weight_gradients_equal_im2col(batches, monkeypatch):
     """The CPU path that takes per-sample convolution weight gradients from one convolution backward
-    per sample (used from _DIRECT_MIN_POSITIONS positions up) gives the per-sample cosines of the
+    per sample (used from DIRECT_MIN_POSITIONS positions up) gives the per-sample cosines of the
     loop and the per-batch figures of the im2col path."""
-    import avdiag.measure.conflict as conflict_module
+    from avdiag.measure.conflict import hooks as conflict_module
 
     model, layout = build("concat", seed=3)
     parts = av_parts(model)
-    monkeypatch.setattr(conflict_module, "_DIRECT_MIN_POSITIONS", 10**12)
+    monkeypatch.setattr(conflict_module, "DIRECT_MIN_POSITIONS", 10**12)
     plain = measure_conflict(parts, batches, "cpu", per_sample=True)
     calls = []
-    original = conflict_module._direct_wgrads
-    monkeypatch.setattr(conflict_module, "_DIRECT_MIN_POSITIONS", 0)
-    monkeypatch.setattr(conflict_module, "_direct_wgrads", lambda *a: calls.append(1) or original(*a))
+    original = conflict_module.direct_weight_grads
+    monkeypatch.setattr(conflict_module, "DIRECT_MIN_POSITIONS", 0)
+    monkeypatch.setattr(conflict_module, "direct_weight_grads", lambda *a: calls.append(1) or original(*a))
     direct = measure_conflict(parts, batches, "cpu", per_sample=True, memory_bytes=64 * 1024)
     assert calls  # the direct path ran
     ref = {r["index"]: r for batch in batches for r in ref_samples(model, layout, batch)}
@@ -303,8 +303,8 @@ def test_summaries_and_combine_are_exact(batches):
     assert s.conflict_rate == sum(c <= 0 for c in cos) / len(cos)
     # two "ranks", shipped as JSON, combined in the wrong order: the same summaries, bit for bit
     ranks = [measure_conflict(parts, batches[i:i + 1], "cpu") for i in range(len(batches))]
-    shipped = [ConflictResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in reversed(ranks)]
-    combined = ConflictResult.combine(shipped)
+    shipped = [GradientConflict.from_dict(json.loads(json.dumps(r.to_dict()))) for r in reversed(ranks)]
+    combined = GradientConflict.combine(shipped)
     assert combined.to_dict()["modalities"] == whole.to_dict()["modalities"]
     assert combined.to_dict()["samples"] == whole.to_dict()["samples"]
     assert [b.first_index for b in combined.batches] == [b.first_index for b in whole.batches]
@@ -331,6 +331,30 @@ def test_to_dict_is_json(batches):
     assert json.loads(text)["head"]["cos_mean"] is None
     assert set(d["modalities"]) == {"audio", "visual"}
     assert d["per_sample_mode"] == "eval"
+    back = GradientConflict.from_dict(json.loads(text))
+    assert back.head_shared == 0 and all(b.head_cos is None for b in back.batches)  # no shared head: None
+
+
+def test_non_finite_floats_are_null_and_read_back_as_nan(batches):
+    """The torchrun gather ships to_dict(): a NaN or an infinity must come back NaN, never as a string."""
+    model, _ = build("film", seed=3)  # a shared head: head_cos is a float
+    result = measure_conflict(av_parts(model), batches[:1], "cpu")
+    result.samples[0].cos_audio = math.nan
+    result.batches[0].modalities["visual"].cos = math.inf
+    result.batches[0].modalities["visual"].per_layer["visual_net.conv1"] = math.nan
+    result.batches[0].head_cos = math.nan
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    assert '"nan"' not in text.lower() and '"inf"' not in text.lower()
+    doc = json.loads(text)
+    assert doc["samples"][0]["cos_audio"] is None and doc["batches"][0]["head_cos"] is None
+    back = GradientConflict.from_dict(doc)
+    assert math.isnan(back.samples[0].cos_audio) and math.isnan(back.batches[0].head_cos)
+    assert math.isnan(back.batches[0].modalities["visual"].cos)
+    assert math.isnan(back.batches[0].modalities["visual"].per_layer["visual_net.conv1"])
+    assert json.dumps(back.to_dict(), allow_nan=False) == text
+    summary = back.summary("audio")
+    again = ModalityConflict.from_dict(json.loads(json.dumps(summary.to_dict(), allow_nan=False)))
+    assert again.to_dict() == summary.to_dict() and again.batches == 1 and math.isnan(again.sample_cos_mean) is False
 
 
 def test_audio_dominated_synthetic_report():

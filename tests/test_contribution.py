@@ -22,7 +22,7 @@ from avdiag.measure.contribution import (
 )
 from avdiag.models import MMParetoClassifier, OGMGEClassifier, resnet18
 from avdiag.models.parts import AVParts, av_parts
-from avdiag.measure.learning_state import cluster_purity
+from avdiag.measure.contribution.learning_state import cluster_purity
 
 TOL = 1e-5
 SPEC = "synthetic:n=40,classes=4,seed=0"
@@ -266,7 +266,7 @@ def test_measure_matches_reference(case, batches):
     json.dumps(d, allow_nan=False)
     assert d["modalities"]["audio"]["ogm"]["score"] == pytest.approx(scores["audio"], abs=TOL)
     assert set(d["modalities"]["visual"]["shapley_mean"]) == {"accuracy", "probability"}
-    frame = result.samples_frame()
+    frame = result.to_frame()
     assert len(frame) == 40
     assert {"index", "label", "phi_audio_accuracy", "phi_visual_accuracy", "phi_audio_probability",
             "phi_visual_probability"} <= set(frame.columns)

@@ -113,7 +113,7 @@ def test_research_layout(case_id, tmp_path):
     model, planted = _planted(case)
     path = tmp_path / case.file_name
     case.save(model, path)
-    _check_layout(avdiag.inspect_checkpoint(path).to_dict(), case, model, planted, "")
+    _check_layout(avdiag.inspect(path).to_dict(), case, model, planted, "")
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
@@ -125,7 +125,7 @@ def test_research_layout_inside_a_lightning_checkpoint(case_id, tmp_path):
     path = tmp_path / "epoch=29-step=3150.ckpt"
     torch.save({"state_dict": state_dict(model, "model."), "pytorch-lightning_version": "2.4.0",
                 "epoch": 29, "global_step": 3150}, path)
-    _check_layout(avdiag.inspect_checkpoint(path).to_dict(), case, model, planted, "model.")
+    _check_layout(avdiag.inspect(path).to_dict(), case, model, planted, "model.")
 
 
 def _planted(case: Case):
@@ -169,7 +169,7 @@ def test_single_modality_resnet(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(state_dict(model), path)
 
-    report = avdiag.inspect_checkpoint(path).to_dict()
+    report = avdiag.inspect(path).to_dict()
 
     assert report["layout"]["name"] == "single"
     assert report["layout"]["modalities"] == {}
@@ -204,7 +204,7 @@ def unknown_av(tmp_path_factory):
 
 
 def test_unknown_layout_without_override_is_one_group(unknown_av):
-    report = avdiag.inspect_checkpoint(unknown_av).to_dict()
+    report = avdiag.inspect(unknown_av).to_dict()
     assert report["layout"]["name"] == "single"
     assert list(report["modalities"]) == ["model"]
     assert report["modalities"]["model"]["n_dead"] == sum(map(len, AUDIO_DEAD.values())) + sum(
@@ -214,7 +214,7 @@ def test_unknown_layout_without_override_is_one_group(unknown_av):
 @pytest.mark.parametrize("modality", [["audio=enc_a", "visual=enc_b"],
                                       {"audio": "enc_a.", "visual": "enc_b"}])
 def test_modality_override_splits_an_unknown_layout(modality, unknown_av):
-    report = avdiag.inspect_checkpoint(unknown_av, modality=modality).to_dict()
+    report = avdiag.inspect(unknown_av, load=avdiag.LoadOptions(modality=modality)).to_dict()
 
     layout = report["layout"]
     assert (layout["name"], layout["source"]) == ("user", "user")

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from avdiag.errors import ModelError
+from avdiag.load import load_checkpoint
+from avdiag.locate import locate
+from avdiag.locate.resolve import resolve_model
 from avdiag.models import (
     BalanceMMClassifier,
     CRMTClassifier,
@@ -21,6 +25,10 @@ from avdiag.models import (
     resnet18,
     resnet34,
 )
+from avdiag.models import registry
+from avdiag.models.av import audio_features, visual_features
+from avdiag.models.parts import AVParts, ablation, av_parts
+from avdiag.models.registry import ArchFact, Architecture, ArchSpec, out_features, register, unregister
 
 W = 8  # stem width for the small models
 D = 8 * W  # feature size
@@ -383,3 +391,112 @@ def test_example_planted_channels(make_example, on_disk):
         assert float(z[keep].min()) >= -2.0, layer
         assert float(gamma[keep].min()) >= 0.5
         assert 0.5 <= float(rv.min()) and float(rv.max()) <= 2.0
+
+
+# --- the architecture registry ------------------------------------------------------
+
+
+class _ToyAV(torch.nn.Module):
+    """An audio-visual classifier no built-in family knows: encoders ``ears`` and ``eyes`` (no
+    modality word in the names), a BatchNorm ``gate`` feeding a sigmoid, and a head ``mix``."""
+
+    def __init__(self, n_classes: int, width: int):
+        super().__init__()
+        self.ears, self.eyes = resnet18(1, width=width), resnet18(3, width=width)
+        self.gate = torch.nn.BatchNorm1d(16 * width)
+        self.mix = torch.nn.Linear(16 * width, n_classes)
+
+    def fuse(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.sigmoid(self.gate(torch.cat((a, v), dim=1))))
+
+    def forward(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        return self.fuse(audio_features(self.ears, audio), visual_features(self.eyes, visual))
+
+
+class _Toy(Architecture):
+    """Everything a family declares, in one class."""
+
+    name = "toy-av"
+    encoders = {"ears": "audio", "eyes": "visual"}
+
+    def claims(self, evidence):
+        return evidence.has("mix.")
+
+    def spec(self, store, fusion):
+        return ArchSpec(self.name, out_features(store, "mix"), store.info("ears.conv1.weight").shape[0], 18)
+
+    def build(self, spec):
+        return _ToyAV(spec.n_classes, spec.width)
+
+    def parts(self, model):
+        if not isinstance(model, _ToyAV):
+            return None
+        return AVParts(model, {"audio": model.ears, "visual": model.eyes}, model.mix, model.fuse,
+                       ablation(model.fuse), "ablation", ("audio", "visual"))
+
+    def bn_fact(self, name, idx):
+        return ArchFact(self.name, "yes", "sigmoid", None) if name.split(".")[-1] == "gate" else None
+
+
+def _toy_checkpoint(path: Path) -> _ToyAV:
+    torch.manual_seed(0)
+    model = _ToyAV(N, W).eval()
+    with torch.no_grad():
+        model.gate.running_mean.normal_()
+    torch.save({"epoch": 3, "model": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return model
+
+
+def test_a_registered_family_is_detected_built_and_run(tmp_path):
+    path = tmp_path / "toy.pth"
+    original = _toy_checkpoint(path)
+    builtins = [f.name for f in registry.families()]
+    register(_Toy)
+    try:
+        ckpt = load_checkpoint(path)
+        located = locate(ckpt)
+        assert located.layout.name == "toy-av"
+        assert located.layout.modalities == {"audio": "ears.", "visual": "eyes."}
+        by_name = {layer.name: layer for layer in located.layers}
+        assert (by_name["gate"].activation, by_name["gate"].activation_source) == ("sigmoid", "architecture:toy-av")
+        assert by_name["ears.layer1.0.bn1"].activation_source == "architecture:resnet"
+        assert by_name["eyes.bn1"].modality == "visual"
+
+        resolved = resolve_model(ckpt, located.layout)
+        assert resolved.source == "registry:toy-av" and resolved.spec.width == W
+        batch = {"audio": _audio(), "visual": _visual(), "label": torch.zeros(2, dtype=torch.long)}
+        with torch.no_grad():
+            expected = original(batch["audio"], batch["visual"])
+            torch.testing.assert_close(resolved(batch), expected)
+            parts = av_parts(resolved.module)
+            feats = parts.features(batch)
+            torch.testing.assert_close(parts.fuse(feats["audio"], feats["visual"]), expected)
+        assert parts.unimodal_source == "ablation"
+    finally:
+        unregister("toy-av")
+    assert [f.name for f in registry.families()] == builtins
+    located = locate(load_checkpoint(path))
+    assert located.layout.name == "single"
+    with pytest.raises(ModelError):
+        resolve_model(load_checkpoint(path), located.layout)
+    with pytest.raises(TypeError):
+        av_parts(original)
+
+
+def test_registry_refuses_a_second_family_of_the_same_name():
+    class Again(Architecture):
+        name = "ogm-ge"
+
+    with pytest.raises(ValueError):
+        register(Again)
+    assert type(registry.family("ogm-ge")).__name__ == "OGMGE"
+    with pytest.raises(ModelError):
+        registry.build(ArchSpec("no-such-family", N, W, 18))
+
+
+def test_generic_signatures_are_tried_last():
+    """CRMT and BalanceMM checkpoints also have a fusion_module: OGM-GE, tried after them, must not
+    claim them."""
+    order = [f.name for f in registry.families()]
+    assert order[-1] == "ogm-ge"
+    assert order.index("mmpareto") < order.index("crmt")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,19 @@ import avdiag
 import avdiag.load.write as write_module
 from avdiag.cli import main
 from avdiag.data import open_dataset
-from avdiag.errors import UsageError
-from avdiag.inspection import ProbeOptions, inspect_checkpoint
+from avdiag.errors import UsageError, VerificationError
 from avdiag.models import MMParetoClassifier, OGMGEClassifier
-from avdiag.rewrite import abri
-from avdiag.rewrite.reinit import RewriteOptions, VerificationError, reinit_checkpoint
+from avdiag.rewrite import abri, methods
+from avdiag.workflows.datasource import DataSource
+from avdiag.workflows.inspect import inspect
+from avdiag.workflows.reinit import (
+    AbriOptions,
+    RecalibrateOptions,
+    ReinitOptions,
+    RelearnOptions,
+    ResetOptions,
+    reinit,
+)
 from layout_fixtures import N_CLASSES, WIDTH, planted_av, state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,11 +164,11 @@ def _folded(sd: dict[str, torch.Tensor], scope: dict[str, list[int] | None], alp
 
 
 def _dead_counts(path: Path) -> dict[str, int]:
-    return {name: m.n_dead for name, m in inspect_checkpoint(path).modalities.items()}
+    return {name: m.n_dead for name, m in inspect(path).modalities.items()}
 
 
 def _assert_clean(path: Path) -> None:
-    result = inspect_checkpoint(path)
+    result = inspect(path)
     assert {n: (m.n_dead, m.n_abnormal) for n, m in result.modalities.items()} == {
         "audio": (0, 0), "visual": (0, 0)}
     assert all(not v.dead and not v.abnormal for v in result.layers)
@@ -191,8 +200,8 @@ def _batches(split: str) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _data(batch_size: int = BATCH) -> ProbeOptions:
-    return ProbeOptions(data=SYNTHETIC, device="cpu", batch_size=batch_size)
+def _data(batch_size: int = BATCH) -> DataSource:
+    return DataSource(SYNTHETIC, device="cpu", batch_size=batch_size)
 
 
 def _ogm(sd: dict[str, torch.Tensor] | None = None) -> OGMGEClassifier:
@@ -211,14 +220,14 @@ def fold(tmp_path_factory):
     src = _example_copy(folder)
     before = _fingerprint(src)
     out = folder / "abri.pth"
-    result = reinit_checkpoint(src, out, RewriteOptions())
+    result = reinit(src, out)
     assert _fingerprint(src) == before
     return src, out, result
 
 
 def test_fold_revives_every_planted_channel(fold):
     src, out, result = fold
-    located = {v.layer.name: sorted(set(v.dead) | set(v.abnormal)) for v in inspect_checkpoint(src).layers
+    located = {v.layer.name: sorted(set(v.dead) | set(v.abnormal)) for v in inspect(src).layers
                if v.dead or v.abnormal}
     assert located == _example_scope()
     _assert_clean(out)
@@ -258,7 +267,7 @@ def test_fold_keeps_nesting_and_records_provenance(fold):
     assert sorted(after["model"]) == sorted(before["model"])
     prov = after["avdiag_provenance"]
     assert prov["method"] == "abri" and prov["avdiag_version"] == avdiag.__version__
-    assert prov["source_sha256"] == _sha(src) == result.source["sha256"]
+    assert prov["source_sha256"] == _sha(src) == result.source.sha256
     params = prov["parameters"]
     assert (params["mode"], params["alpha"], params["scope"], params["running_stats"]) == (
         "fold", 0.5, "flagged", "blend")
@@ -316,7 +325,7 @@ def test_fold_on_a_generated_mmpareto_checkpoint(tmp_path):
     torch.save({"model": state_dict(model, "module.")}, src)
     before = _fingerprint(src)
     out = tmp_path / "abri.pth"
-    result = reinit_checkpoint(src, out, RewriteOptions())
+    result = reinit(src, out)
     assert _fingerprint(src) == before
     scope = {layer: sorted(set(planted.dead.get(layer, [])) | set(planted.abnormal.get(layer, [])))
              for layer in {**planted.dead, **planted.abnormal}}
@@ -339,7 +348,7 @@ def module_mode(request, tmp_path_factory):
     src = _example_copy(folder)
     before = _fingerprint(src)
     out = folder / "abri-module.pth"
-    result = reinit_checkpoint(src, out, RewriteOptions(mode="module", per_channel=request.param))
+    result = reinit(src, out, ReinitOptions("abri", AbriOptions(mode="module", per_channel=request.param)))
     assert _fingerprint(src) == before
     return src, out, result, request.param
 
@@ -468,9 +477,9 @@ def relearn(tmp_path_factory):
     init_path = folder / "init.pth"
     torch.save(init, init_path)
     out = folder / "relearn.pth"
-    options = RewriteOptions(method="relearn", data=_data(), heldout_split="test", lam=3.0,
-                             init_ckpt=str(init_path), seed=KMEANS_SEED)
-    result = reinit_checkpoint(src, out, options)
+    options = ReinitOptions("relearn", RelearnOptions(heldout_split="test", lam=3.0, init_ckpt=str(init_path),
+                                                      seed=KMEANS_SEED))
+    result = reinit(src, out, options, data=_data())
     assert _fingerprint(src) == before
     return src, out, result, init
 
@@ -550,7 +559,7 @@ def test_relearn_restricted_modality_needs_only_its_alpha(tmp_path, capsys):
 def test_reset_every_batchnorm(tmp_path):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    reinit_checkpoint(src, out, RewriteOptions(method="reset", variant="all"))
+    reinit(src, out, ReinitOptions("reset", ResetOptions(variant="all")))
     sd = _strip(_load(src)["model"])
     expected = dict(sd)
     for layer in _bn_layers(_ogm()):
@@ -562,7 +571,7 @@ def test_reset_every_batchnorm(tmp_path):
 def test_reset_tiny_gamma_channels_only(tmp_path):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    reinit_checkpoint(src, out, RewriteOptions(method="reset", variant="tiny-gamma"))
+    reinit(src, out, ReinitOptions("reset", ResetOptions(variant="tiny-gamma")))
     sd = _strip(_load(src)["model"])
     tiny = {layer: torch.nonzero(sd[f"{layer}.weight"].abs() < 1e-6).flatten().tolist()
             for layer in _bn_layers(_ogm())}
@@ -597,7 +606,7 @@ def test_recalibrate_only_the_running_stats_of_the_scoped_layers(tmp_path):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
     out = tmp_path / "out.pth"
-    result = reinit_checkpoint(src, out, RewriteOptions(method="recalibrate", modality="audio", data=_data()))
+    result = reinit(src, out, ReinitOptions("recalibrate", modality="audio"), data=_data())
     assert _fingerprint(src) == before
     sd = _strip(_load(src)["model"])
     after = _strip(_load(out)["model"])
@@ -612,7 +621,7 @@ def test_recalibrate_only_the_running_stats_of_the_scoped_layers(tmp_path):
 def test_fold_with_data_stats(tmp_path):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    result = reinit_checkpoint(src, out, RewriteOptions(stats="data", data=_data()))
+    result = reinit(src, out, ReinitOptions("abri", AbriOptions(stats="data")), data=_data())
     assert result.parameters["running_stats"] == "data"
     sd = _strip(_load(src)["model"])
     folded = _folded(sd, _example_scope(), 0.5, None)
@@ -694,7 +703,7 @@ def test_a_failing_write_leaves_no_target(tmp_path, monkeypatch, in_place):
     monkeypatch.setattr(write_module, "_torch_writer", _failing_writer(RuntimeError("disk unplugged")))
     out = src if in_place else tmp_path / "out.pth"
     with pytest.raises(RuntimeError, match="disk unplugged"):
-        reinit_checkpoint(src, out, RewriteOptions(), in_place=in_place)
+        reinit(src, out, in_place=in_place)
     assert _fingerprint(src) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]  # no target, no temporary
 
@@ -721,14 +730,14 @@ def test_a_failed_verification_removes_the_new_target(tmp_path, monkeypatch):
     monkeypatch.setattr(write_module, "_plain_tensor", _corrupting_plain_tensor)
     out = tmp_path / "out.pth"
     with pytest.raises(VerificationError):
-        reinit_checkpoint(src, out, RewriteOptions())
+        reinit(src, out)
     assert _fingerprint(src) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
 
 
 def test_a_verification_that_crashes_leaves_no_unverified_target(tmp_path, monkeypatch):
     """Whatever goes wrong while checking the written file, an unverified file is not left behind."""
-    import avdiag.rewrite.reinit as reinit_module
+    import avdiag.workflows.reinit as reinit_module
 
     def crash(*args, **kwargs):
         raise RuntimeError("the check itself failed")
@@ -737,7 +746,7 @@ def test_a_verification_that_crashes_leaves_no_unverified_target(tmp_path, monke
     monkeypatch.setattr(reinit_module, "_forward_check", crash)
     out = tmp_path / "out.pth"
     with pytest.raises(Exception):
-        reinit_checkpoint(src, out, RewriteOptions())
+        reinit(src, out)
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
 
 
@@ -748,7 +757,7 @@ def test_a_failed_verification_in_place_keeps_the_input(tmp_path, monkeypatch):
     original = _sha(src)
     monkeypatch.setattr(write_module, "_plain_tensor", _corrupting_plain_tensor)
     with pytest.raises(VerificationError):
-        reinit_checkpoint(src, src, RewriteOptions(), in_place=True)
+        reinit(src, src, in_place=True)
     assert src.exists(), "the failed in-place rewrite deleted the input checkpoint"
     assert _sha(src) == original
 
@@ -788,10 +797,207 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args):
     assert _fingerprint(src) == before
 
 
-def test_bad_options_through_the_library(tmp_path):
+@pytest.mark.parametrize("options, message", [
+    (ReinitOptions("nope"), "--method must be one of abri, recalibrate, relearn, reset"),
+    (ReinitOptions("abri", AbriOptions(scope="nope")), "--scope must be one of flagged, layers, all"),
+    (ReinitOptions("abri", AbriOptions(mode="nope")), "--mode must be fold or module"),
+    (ReinitOptions("abri", AbriOptions(stats="nope")), "--stats must be one of reset, blend, data"),
+    (ReinitOptions("abri", AbriOptions(stats="data")), "--stats data needs --data"),
+    (ReinitOptions("reset", ResetOptions(variant="nope")), "--variant must be all or tiny-gamma"),
+    (ReinitOptions("relearn"),
+     "--method relearn needs --data (or --alpha-audio/--alpha-visual to skip the diagnosis)"),
+    (ReinitOptions("recalibrate"), "--method recalibrate needs --data"),
+    (ReinitOptions("reset", AbriOptions()), "--method reset takes ResetOptions, not AbriOptions"),
+], ids=["method", "scope", "mode", "stats", "stats-data-without-data", "variant", "relearn-without-data",
+        "recalibrate-without-data", "settings-of-another-method"])
+def test_bad_options_through_the_library(tmp_path, options, message):
     src = _example_copy(tmp_path)
-    for options in (RewriteOptions(method="nope"), RewriteOptions(scope="nope"), RewriteOptions(stats="data"),
-                    RewriteOptions(method="relearn")):
-        with pytest.raises(UsageError):
-            reinit_checkpoint(src, tmp_path / "out.pth", options)
+    with pytest.raises(UsageError) as caught:
+        reinit(src, tmp_path / "out.pth", options)
+    assert str(caught.value) == message
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
+
+
+def test_the_options_of_the_command_line():
+    """Every flag lands in the chosen method's settings; the other methods' flags are left out."""
+    flags = {"mode": "module", "alpha": 0.3, "per_channel": True, "scope": "layers", "stats": "reset",
+             "variant": "tiny-gamma", "lam": 2.0, "alphas": {"audio": 0.1}, "init_ckpt": "init.pt", "seed": 7}
+    assert ReinitOptions.from_flags("abri", flags, modality="audio") == ReinitOptions(
+        "abri", AbriOptions(mode="module", alpha=0.3, per_channel=True, scope="layers", stats="reset"), "audio")
+    assert ReinitOptions.from_flags("reset", flags) == ReinitOptions("reset", ResetOptions(variant="tiny-gamma"))
+    assert ReinitOptions.from_flags("relearn", flags) == ReinitOptions(
+        "relearn", RelearnOptions(lam=2.0, alphas={"audio": 0.1}, init_ckpt="init.pt", seed=7))
+    assert ReinitOptions.from_flags("recalibrate", flags) == ReinitOptions("recalibrate", RecalibrateOptions())
+    with pytest.raises(UsageError, match="^--method must be one of "):
+        ReinitOptions.from_flags("nope", flags)
+
+
+# --- 6. the result, the registry, the data read once -------------------------------------------------
+
+
+def test_the_result_follows_the_contract(fold):
+    src, out, result = fold
+    doc = result.to_dict()
+    json.dumps(doc, allow_nan=False)
+    assert doc["schema_version"] == avdiag.SCHEMA_VERSION == "1.1"
+    assert doc["tool"] == {"name": "avdiag", "version": avdiag.__version__, "command": "reinit"}
+    assert doc["checkpoints"] == [{"path": str(src), "format": result.source.format, "sha256": _sha(src)}]
+    assert doc["source"] == doc["checkpoints"][0]
+    assert doc["summary"] == {"n_rewritten": 28, "n_dead_before": 22, "n_dead_after": 0,
+                              "text": result.summary_line()}
+    assert doc["target"] == str(out) and doc["method"] == "abri"
+    for key in ("parameters", "diagnosis", "changes", "dead_before", "dead_after", "verification", "warnings"):
+        assert key in doc, key
+    assert doc["verification"] == {"reloaded": True, "identical": result.verification["identical"],
+                                   "rewritten": 28, "forward": "finite"}
+    assert type(result).from_dict(json.loads(json.dumps(doc))).to_dict() == doc
+    frame = result.to_frame()
+    assert list(frame.columns) == ["name", "channels_changed", "norm_before", "norm_after"]
+    assert list(frame["name"]) == [c.name for c in result.changes] and len(frame) == 28
+    assert list(frame["channels_changed"]) == [c.channels_changed for c in result.changes]
+
+
+def test_a_new_tensor_has_no_norm_before(module_mode):
+    _, _, result, _ = module_mode
+    added = [c for c in result.changes if c.name.endswith(".abri_alpha")]
+    assert added and all(c.norm_before is None for c in added)
+    doc = result.to_dict()
+    assert all(c["norm_before"] is None for c in doc["changes"] if c["name"].endswith(".abri_alpha"))
+    assert math.isnan(result.to_frame().set_index("name").loc[added[0].name, "norm_before"])
+
+
+@dataclass
+class ScaleGammaOptions:
+    factor: float = 2.0  # every gamma in scope is multiplied by it
+
+
+def _scale_gamma_validate(o: ScaleGammaOptions, has_data: bool) -> None:
+    if not o.factor > 0:
+        raise UsageError("--factor must be positive")
+
+
+def _scale_gamma_apply(target: methods.RewriteInput, o: ScaleGammaOptions) -> methods.Rewrite:
+    tensors = {v.layer.params["weight"]: target.tensor(v.layer.params["weight"]) * o.factor
+               for v in target.scoped_layers()}
+    return methods.Rewrite(tensors, {"method": "scale-gamma", "factor": o.factor, "modality": target.modality})
+
+
+@pytest.fixture
+def scale_gamma():
+    """A toy method, registered for one test (what one new file under avdiag/rewrite/methods/ would hold)."""
+    method = methods.register(methods.Method("scale-gamma", ScaleGammaOptions, _scale_gamma_apply,
+                                             _scale_gamma_validate))
+    try:
+        yield method
+    finally:
+        methods.unregister("scale-gamma")
+
+
+def test_a_registered_method_is_selectable_by_name(tmp_path, scale_gamma):
+    assert "scale-gamma" in methods.names()
+    src = _example_copy(tmp_path)
+    out = tmp_path / "scaled.pth"
+    result = reinit(src, out, ReinitOptions("scale-gamma", ScaleGammaOptions(3.0), modality="visual"))
+    sd = _strip(_load(src)["model"])
+    expected = dict(sd)
+    for layer in _bn_layers(_ogm(), "visual_net."):
+        expected[f"{layer}.weight"] = sd[f"{layer}.weight"] * 3.0
+    after = _load(out)
+    _assert_bits(_strip(after["model"]), expected)
+    assert after["avdiag_provenance"]["method"] == "scale-gamma"
+    assert after["avdiag_provenance"]["parameters"] == {"method": "scale-gamma", "factor": 3.0, "modality": "visual"}
+    assert result.method == "scale-gamma" and result.verification["forward"] == "finite"
+    with pytest.raises(UsageError, match="^--factor must be positive$"):
+        reinit(src, tmp_path / "bad.pth", ReinitOptions("scale-gamma", ScaleGammaOptions(0.0)))
+    with pytest.raises(ValueError, match="registered already"):
+        methods.register(scale_gamma)
+
+
+def test_an_unregistered_method_is_gone(tmp_path):
+    methods.register(methods.Method("scale-gamma", ScaleGammaOptions, _scale_gamma_apply))
+    methods.unregister("scale-gamma")
+    assert methods.names() == ("abri", "recalibrate", "relearn", "reset")
+    with pytest.raises(UsageError) as caught:
+        reinit(_example_copy(tmp_path), tmp_path / "out.pth", ReinitOptions("scale-gamma"))
+    assert str(caught.value) == "--method must be one of abri, recalibrate, relearn, reset"
+
+
+def test_the_input_is_opened_once(tmp_path, monkeypatch):
+    import avdiag.load as load_module
+
+    opened: list[Path] = []
+    real = load_module.load_checkpoint
+
+    def counting(path, **kwargs):
+        opened.append(Path(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(load_module, "load_checkpoint", counting)
+    src = _example_copy(tmp_path)
+    out = tmp_path / "out.pth"
+    reinit(src, out)
+    assert opened[0] == src and opened.count(src) == 1
+    assert opened[-1] == out and len(opened) == 3  # the input, the temporary file verified, the target re-scanned
+
+
+@pytest.fixture
+def dataset_reads(monkeypatch):
+    """How many items the synthetic dataset decodes."""
+    cls = type(open_dataset(SYNTHETIC, split="train"))
+    reads = {"n": 0}
+    real = cls.__getitem__
+
+    def counting(self, i):
+        reads["n"] += 1
+        return real(self, i)
+
+    monkeypatch.setattr(cls, "__getitem__", counting)
+    return reads
+
+
+def test_data_stats_and_the_forward_check_read_the_split_once(tmp_path, dataset_reads):
+    src = _example_copy(tmp_path)
+    result = reinit(src, tmp_path / "out.pth", ReinitOptions("abri", AbriOptions(stats="data")), data=_data())
+    assert result.verification["forward"] == "finite"
+    assert dataset_reads["n"] == 48  # one pass over the train split; the forward check reuses its first batch
+
+
+def test_relearn_reads_each_split_once(tmp_path, dataset_reads):
+    src = _example_copy(tmp_path)
+    result = reinit(src, tmp_path / "out.pth", ReinitOptions("relearn"), data=_data())
+    assert set(result.diagnosis) == {"audio", "visual"} and result.verification["forward"] == "finite"
+    assert dataset_reads["n"] == 48 + 48  # train and test once each
+
+
+def test_a_shared_subject_keeps_its_model(tmp_path):
+    """The data steps swap tensors into the Subject's cached model only while they run."""
+    from avdiag.workflows.subject import Subject
+
+    src = _example_copy(tmp_path)
+    subject = Subject.open(src)
+    data = _data()
+    model = subject.model_for(data)
+    before = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    result = reinit(subject, tmp_path / "out.pth", ReinitOptions("abri", AbriOptions(stats="data")), data=data)
+    assert result.source.path == str(src)
+    assert subject.model_for(data) is model
+    after = model.module.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k].cpu(), before[k].cpu()) for k in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast runs on CUDA only")
+def test_amp_recalibration_on_cuda(tmp_path):
+    src = _example_copy(tmp_path)
+    full = reinit(src, tmp_path / "fp32.pth", ReinitOptions("recalibrate"),
+                  data=DataSource(SYNTHETIC, device="cuda", batch_size=BATCH))
+    mixed = reinit(src, tmp_path / "amp.pth", ReinitOptions("recalibrate"),
+                   data=DataSource(SYNTHETIC, device="cuda", batch_size=BATCH, amp=True))
+    assert mixed.verification["forward"] == full.verification["forward"] == "finite"
+    a, b = _strip(_load(tmp_path / "fp32.pth")["model"]), _strip(_load(tmp_path / "amp.pth")["model"])
+    differs = False
+    for name in (c.name for c in full.changes):
+        assert a[name].dtype == b[name].dtype == torch.float32, name
+        torch.testing.assert_close(b[name], a[name], rtol=2e-2, atol=2e-2, msg=name)
+        differs |= not torch.equal(a[name], b[name])
+    assert differs, "autocast changed nothing: amp was not honoured"

@@ -11,6 +11,7 @@ import typer
 from avdiag.cli.app import command
 from avdiag.cli.options import AllowGlobalOpt, JsonOpt, QuietOpt, ReportOpt, takes_data
 from avdiag.cli.output import Outputs
+from avdiag.errors import UsageError
 
 
 @command()
@@ -38,7 +39,7 @@ def check(
 
     With --data, each checkpoint's model also runs on the data: probe findings, and the contribution
     and conflict rules (and, with --baseline, a fall in a modality's contribution)."""
-    from avdiag.report.ci import emit_github, junit_xml, sarif_json
+    from avdiag.report.ci import github_outputs, junit_xml, sarif_json
     from avdiag.report.progress import progress_for
     from avdiag.report.terminal.check import render_check
     from avdiag.workflows.check import Policy
@@ -55,5 +56,19 @@ def check(
     if sarif is not None:
         extra["--sarif"] = sarif_json(result)
     out.emit(result.to_dict(), lambda console: render_check(result, console, quiet=quiet), extra=extra)
-    emit_github(result, stream=sys.stdout if out.terminal else sys.stderr)
+    _github(github_outputs(result), sys.stdout if out.terminal else sys.stderr)
     return result.exit_code
+
+
+def _github(outputs, stream) -> None:
+    """Annotation lines on ``stream`` and the job summary appended to $GITHUB_STEP_SUMMARY (under GitHub Actions)."""
+    if outputs is None:
+        return
+    stream.write("".join(line + "\n" for line in outputs.annotations))
+    stream.flush()
+    if outputs.summary_path:
+        try:
+            with open(outputs.summary_path, "a", encoding="utf-8") as fh:
+                fh.write(outputs.summary + "\n")
+        except OSError as e:
+            raise UsageError(f"$GITHUB_STEP_SUMMARY {outputs.summary_path}: cannot append ({e.strerror})") from e

@@ -56,6 +56,6 @@ def conflict(
     if plots is not None:
         from avdiag.report.plots import write_conflict_plots
 
-        write_conflict_plots(document, plots)
+        write_conflict_plots(result.to_dict(samples=True), plots)
     out.emit(document, lambda console: render_conflict(result, console, quiet=quiet))
     return 0

@@ -62,9 +62,9 @@ def reinit(
     target = out or checkpoint
     outputs = Outputs([checkpoint, target], json_out, report, quiet)
     alphas = {k: v for k, v in (("audio", alpha_audio), ("visual", alpha_visual)) if v is not None}
-    options = ReinitOptions(method=method, mode=mode, alpha=alpha, per_channel=per_channel, scope=scope,
-                            modality=restrict[0] if restrict else None, stats=stats, variant=variant, lam=lam,
-                            alphas=alphas, init_ckpt=str(init_ckpt) if init_ckpt else None, seed=init_seed)
+    settings = dict(mode=mode, alpha=alpha, per_channel=per_channel, scope=scope, stats=stats, variant=variant,
+                    lam=lam, alphas=alphas, init_ckpt=str(init_ckpt) if init_ckpt else None, seed=init_seed)
+    options = ReinitOptions.from_flags(method, settings, modality=restrict[0] if restrict else None)
     warn_unsafe(unsafe)
     load = LoadOptions(tuple(allow_global), unsafe, [m for m in modality if "=" in m] or None)
     result = run_reinit(checkpoint, target, options, data=data, load=load, in_place=in_place,

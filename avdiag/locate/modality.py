@@ -130,6 +130,4 @@ def _heads(store: TensorStore, layout: Layout) -> list[Head]:
 
 
 def _fusion_kind(layout: Layout) -> str | None:
-    if layout.source != "auto":
-        return None
     return registry.fusion_of(layout.name, [h.name for h in layout.heads])

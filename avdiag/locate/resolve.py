@@ -1,9 +1,9 @@
 """Model resolution: build the network behind a checkpoint so it can be run on data.
 
 Sources, in order: ``--model package.module:factory`` (the user's own class, strict load), the
-graph the file carries (torch.export programs), the built-in registry (research layouts and plain
-ResNets, hyper-parameters read from tensor shapes), TorchScript modules whose tensors fit a
-built-in architecture.
+graph the file carries (torch.export programs), the architecture registry (``avdiag/models/arch/``:
+research layouts and plain ResNets, hyper-parameters read from tensor shapes), TorchScript modules
+whose tensors fit a registered architecture.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from avdiag.errors import AvdiagError, ModelError
 from avdiag.load import Checkpoint
 from avdiag.locate.modality import MODALITY_WORDS, Layout
-from avdiag.models.registry import ArchSpec, build, spec_from_checkpoint
+from avdiag.models.registry import ArchSpec, build, encoder_at, spec_from_checkpoint
 
 
 @dataclass
@@ -68,7 +68,8 @@ def adapt_input(batch: dict[str, torch.Tensor], name: str, visual_layout: str) -
         b, c, t, h, w = x.shape
         return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
     if name not in batch:
-        raise ModelError(f"the model takes {name!r} input but the data provides {sorted(k for k in batch if k not in ('label', 'index'))}")
+        provided = sorted(k for k in batch if k not in ("label", "index"))
+        raise ModelError(f"the model takes {name!r} input but the data provides {provided}")
     x = batch[name]
     if name == "visual" and visual_layout == "BTCHW":
         x = x.permute(0, 2, 1, 3, 4)
@@ -94,12 +95,18 @@ def resolve_model(ckpt: Checkpoint, layout: Layout, model: str | None = None) ->
 
 
 def outer_prefix(layout: Layout) -> str:
-    """An outer prefix such as Lightning's `model.` in front of the encoders."""
+    """An outer prefix such as Lightning's `model.` in front of the encoders: what precedes the
+    encoder's own name (one segment, or as many as a registered family's encoder pattern spans)."""
     for prefix in layout.modalities.values():
         parts = prefix.rstrip(".").split(".")
-        cut = len(parts) - (2 if "modality_encoder" in parts else 1)
+        cut = len(parts) - _encoder_span(parts)
         return ".".join(parts[:cut]) + "." if cut > 0 else ""
     return ""
+
+
+def _encoder_span(parts: list[str]) -> int:
+    hit = next((h for i in range(len(parts)) if (h := encoder_at(parts, i)) is not None), None)
+    return hit[1] if hit is not None else 1
 
 
 def _from_factory(spec: str, state: dict[str, torch.Tensor]) -> ResolvedModel:

@@ -134,6 +134,7 @@ class Architecture:
 
 
 _REGISTRY: dict[str, Architecture] = {}
+_ORDER: list[Architecture] = []  # _REGISTRY's families in the order they are tried
 
 
 def register(cls: type[Architecture]) -> type[Architecture]:
@@ -143,16 +144,22 @@ def register(cls: type[Architecture]) -> type[Architecture]:
     if cls.name in _REGISTRY:
         raise ValueError(f"architecture {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls()
+    _reorder()
     return cls
 
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+    _reorder()
+
+
+def _reorder() -> None:
+    _ORDER[:] = sorted(_REGISTRY.values(), key=lambda f: -f.priority)  # stable: registration order breaks ties
 
 
 def families() -> list[Architecture]:
     """Every registered family, in the order they are tried."""
-    return sorted(_REGISTRY.values(), key=lambda f: -f.priority)  # stable: registration order breaks ties
+    return list(_ORDER)
 
 
 def family(name: str) -> Architecture | None:
@@ -161,7 +168,7 @@ def family(name: str) -> Architecture | None:
 
 def encoder_at(segments: Sequence[str], i: int) -> tuple[str, int] | None:
     """(modality, number of segments) of a known encoder starting at ``segments[i]``, by any family."""
-    for f in families():
+    for f in _ORDER:
         hit = f.encoder_at(segments, i)
         if hit is not None:
             return hit
@@ -170,7 +177,7 @@ def encoder_at(segments: Sequence[str], i: int) -> tuple[str, int] | None:
 
 def layout_name(evidence: LayoutEvidence) -> str | None:
     """The name of the first family that claims this layout, or None."""
-    return next((f.name for f in families() if f.claims(evidence)), None)
+    return next((f.name for f in _ORDER if f.claims(evidence)), None)
 
 
 def fusion_of(layout: str, head_names: list[str]) -> str | None:
@@ -186,7 +193,7 @@ def spec_from_checkpoint(store: TensorStore, layout_name: str, fusion: str | Non
     owner = _REGISTRY.get(layout_name)
     if owner is not None and not owner.fallback:
         return owner.spec(store, fusion)
-    for f in families():
+    for f in _ORDER:
         if f.fallback:
             spec = f.spec(store, fusion)
             if spec is not None:
@@ -203,7 +210,7 @@ def build(spec: ArchSpec) -> nn.Module:
 
 def parts_of(model: nn.Module) -> AVParts | None:
     """The audio-visual parts of ``model`` from the family that knows its class, or None."""
-    for f in families():
+    for f in _ORDER:
         parts = f.parts(model)
         if parts is not None:
             return parts
@@ -211,7 +218,7 @@ def parts_of(model: nn.Module) -> AVParts | None:
 
 
 def bn_fact(name: str, idx: NameIndex) -> ArchFact | None:
-    for f in families():
+    for f in _ORDER:
         fact = f.bn_fact(name, idx)
         if fact is not None:
             return fact

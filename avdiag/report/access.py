@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+KNOWN_SCHEMA_MAJOR = "1"
 _INFINITIES = {"inf": math.inf, "+inf": math.inf, "infinity": math.inf, "+infinity": math.inf,
                "-inf": -math.inf, "-infinity": -math.inf, "nan": math.nan}
 
@@ -104,6 +105,11 @@ def command_of(result: dict) -> str:
 def schema_major(result: dict) -> str:
     """The major part of ``schema_version`` ("1" for "1.0" and "1.1")."""
     return str(result.get("schema_version")).split(".")[0]
+
+
+def known_schema(result: dict) -> bool:
+    """Whether this avdiag reads the result's schema (any 1.x; a later minor version only adds keys)."""
+    return schema_major(result) == KNOWN_SCHEMA_MAJOR
 
 
 def summary_text(result: dict) -> str | None:
@@ -222,6 +228,16 @@ def worst_z(layer: dict) -> float | None:
     z = channel_values(layer, "z")
     z = z[~np.isnan(z)] if z is not None else np.zeros(0)
     return float(z.min()) if z.size else None
+
+
+def modality_worst_z(result: dict, modality: str) -> float | None:
+    """A modality's lowest z; a null in a 1.1 file is recovered from its ``worst_layer``'s arrays."""
+    entry = obj(path(result, "modalities", modality))
+    value = num(entry.get("worst_z"))
+    if value is not None:
+        return value
+    layer = next((x for x in dicts(result.get("layers")) if x.get("name") == entry.get("worst_layer")), None)
+    return worst_z(layer) if layer is not None else None
 
 
 def has_per_channel(result: dict, field: str = "z") -> bool:

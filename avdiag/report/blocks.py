@@ -56,14 +56,18 @@ class Chart:
     caption: str
     draw: Callable[[], bytes | None]  # the PNG, drawn only when a renderer needs it
     text: Callable[[], list[Block]] | None = None  # the chart without images: Unicode charts or count tables
+    _drawn: list[bytes | None] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def png(self, section: Section) -> bytes | None:
-        """The chart's PNG (None: nothing to draw); malformed data becomes a one-line UsageError."""
-        try:
-            return self.draw()
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise UsageError(f"report: {section.command} result ({section.anchor}): cannot draw {self.key}: "
-                             f"{e}") from e
+        """The chart's PNG (None: nothing to draw), drawn once however many renderers ask; malformed
+        data becomes a one-line UsageError."""
+        if not self._drawn:
+            try:
+                self._drawn.append(self.draw())
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                raise UsageError(f"report: {section.command} result ({section.anchor}): cannot draw {self.key}: "
+                                 f"{e}") from e
+        return self._drawn[0]
 
 
 Block = Union[Text, Table, Code, Chart]

@@ -535,11 +535,12 @@ def sample_cosine_histogram(result: dict) -> bytes | None:
         for i, (ax, (m, values)) in enumerate(zip(axes, cosines.items())):
             shown = values[np.isfinite(values)]
             if shown.size:
-                ax.hist(shown, bins=30, color=modality_color(m, i))
+                ax.hist(shown, bins=np.linspace(-1.0, 1.0, 41), color=modality_color(m, i))
             ax.axvline(0, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0)
+            ax.set_xlim(-1.02, 1.02)
             conflicting = int(np.count_nonzero(shown <= 0))
-            ax.set_title(f"{m}: per-sample cos(g_mm, g_uni), {conflicting} of {shown.size} <= 0")
-            ax.set_xlabel("cosine")
+            ax.set_title(f"{m}: {conflicting} of {shown.size} samples conflict (cos <= 0)")
+            ax.set_xlabel("per-sample cos(g_multimodal, g_unimodal)")
             if i % ncols == 0:
                 ax.set_ylabel("samples")
         return _png(fig)

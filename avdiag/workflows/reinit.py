@@ -130,11 +130,12 @@ class ReinitResult:
                    dict(d.get("verification") or {}), list(d.get("warnings") or []), dict(d.get("diagnosis") or {}))
 
     def to_frame(self):
-        """One row per rewritten tensor (pandas DataFrame)."""
+        """One row per rewritten tensor (pandas DataFrame; a new tensor's norm before is NaN)."""
         import pandas as pd
 
-        columns = ["name", "channels_changed", "norm_before", "norm_after"]
-        return pd.DataFrame([c.__dict__ for c in self.changes], columns=columns)
+        rows = [{"name": c.name, "channels_changed": c.channels_changed,
+                 "norm_before": _float(c.norm_before), "norm_after": c.norm_after} for c in self.changes]
+        return pd.DataFrame(rows, columns=["name", "channels_changed", "norm_before", "norm_after"])
 
 
 def _float(value: Any) -> float:

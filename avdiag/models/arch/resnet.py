@@ -5,13 +5,16 @@ BatchNorm facts hold for every ResNet encoder, the research classifiers' include
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from avdiag.load.store import TensorStore
 from avdiag.models.registry import Architecture, ArchFact, ArchSpec, NameIndex, out_features, register
 from avdiag.models.resnet import ResNetEncoder, shape_from_tensors
+
+if TYPE_CHECKING:
+    from avdiag.load.store import TensorStore
 
 _BLOCK_BN = re.compile(r"(?:^|\.)layer\d+\.\d+\.(bn\d|downsample\.1)$")
 

@@ -40,7 +40,8 @@ def _checkpoints_table(res: dict) -> Table:
     refs = acc.checkpoint_refs(res)
     rows = []
     for i, (side, key) in enumerate((("A", "a"), ("B", "b"))):
-        ck = {**acc.obj(res.get(key)), **(refs[i] if i < len(refs) else {})}
+        ref = refs[i] if i < len(refs) else {}
+        ck = {**acc.obj(res.get(key)), **{k: v for k, v in ref.items() if v is not None}}
         rows.append([side, str(ck.get("path")), str(ck.get("format")), str(ck.get("sha256") or "not computed"),
                      fmt_num(ck.get("n_tensors")), fmt_bytes(ck.get("size_bytes"))])
     return Table("Checkpoints", ["side", "path", "format", "sha256", "tensors", "size"], rows, "lcllrr",
@@ -53,7 +54,8 @@ def _modality_blocks(mods: dict[str, dict]) -> list[Block]:
         cb, ca = m.get("n_bn_channels_before"), m.get("n_bn_channels_after")
         rows.append([name, fmt_num(ca) if cb == ca else f"{fmt_num(cb)} → {fmt_num(ca)}",
                      fmt_num(m.get("n_dead_before")), fmt_num(m.get("n_dead_after")), fmt_num(m.get("n_died")),
-                     fmt_num(m.get("n_revived")), f"{fmt_num(m.get('n_changed_tensors'))}/{fmt_num(m.get('n_tensors'))}",
+                     fmt_num(m.get("n_revived")),
+                     f"{fmt_num(m.get('n_changed_tensors'))}/{fmt_num(m.get('n_tensors'))}",
                      fmt_num(m.get("n_added_tensors")), fmt_num(m.get("n_removed_tensors")),
                      fmt_num(m.get("mean_rel_change"))])
     out: list[Block] = [Table("Per modality", ["modality", "BN channels", "dead in A", "dead in B", "died", "revived",

@@ -22,7 +22,7 @@ def inspect_section(res: dict, anchor: str) -> Section:
     section = Section(anchor, "inspect", f"inspect: {acc.checkpoint_path(res)}")
     section.add(Text(acc.summary_text(res) or f"{len(layers)} BN layers", "summary"),
                 _checkpoint_table(res, probe),
-                _modality_table(acc.obj(res.get("modalities")), bool(probe)))
+                _modality_table(res, bool(probe)))
     if not layers:
         section.add(Text("No BatchNorm layer in this report: nothing to plot.", "note"))
     else:
@@ -50,7 +50,8 @@ def inspect_section(res: dict, anchor: str) -> Section:
 def _checkpoint_table(res: dict, probe: dict) -> Table:
     ck, layout = acc.obj(res.get("checkpoint")), acc.obj(res.get("layout"))
     unwrapped = ", ".join(f"{acc.obj(u).get('kind')} {acc.obj(u).get('value')}" for u in acc.items(ck.get("unwrapped")))
-    pairs = [("path", acc.checkpoint_path(res)), ("format", ck.get("format")), ("size", fmt_bytes(ck.get("size_bytes"))),
+    pairs = [("path", acc.checkpoint_path(res)), ("format", ck.get("format")),
+             ("size", fmt_bytes(ck.get("size_bytes"))),
              ("sha256", ck.get("sha256") or "not computed"),
              ("tensors", f"{fmt_num(ck.get('n_tensors'))} ({fmt_num(ck.get('n_elements'))} elements)"),
              ("unwrapped", unwrapped or "(none)"),
@@ -68,7 +69,7 @@ def _checkpoint_table(res: dict, probe: dict) -> Table:
     return kv_table("Checkpoint", pairs)
 
 
-def _modality_table(mods: dict, probe: bool) -> Table:
+def _modality_table(res: dict, probe: bool) -> Table:
     headers = ["modality", "BN layers", "channels", "dead (ratio)", "abnormal", "constant", "low gain", "collapsed",
                "possibly dead", "worst z", "worst layer"]
     kinds = "lrrrrrrrrrc"
@@ -76,12 +77,13 @@ def _modality_table(mods: dict, probe: bool) -> Table:
         headers += ["measured dead", "rarely active", "precision / recall"]
         kinds += "rrr"
     rows = []
-    for name, m in mods.items():
+    for name, m in acc.obj(res.get("modalities")).items():
         m = acc.obj(m)
         row = [str(name), fmt_num(m.get("n_bn_layers")), fmt_num(m.get("n_bn_channels")),
                f"{fmt_num(m.get('n_dead'))} ({fmt_pct(m.get('dead_ratio'))})", fmt_num(m.get("n_abnormal")),
                fmt_num(m.get("n_constant")), fmt_num(m.get("n_low_gain")), fmt_num(m.get("n_collapsed")),
-               fmt_num(m.get("n_possibly_dead")), fmt_fixed(m.get("worst_z")), str(m.get("worst_layer") or NONE)]
+               fmt_num(m.get("n_possibly_dead")), fmt_fixed(acc.modality_worst_z(res, name)),
+               str(m.get("worst_layer") or NONE)]
         if probe:
             agree = acc.obj(m.get("agreement"))
             row += [fmt_num(m.get("n_measured_dead")), fmt_num(m.get("n_rarely_active")),
@@ -228,6 +230,7 @@ def _all_layers_table(layers: list[dict], probe: bool) -> Table:
                fmt_num(layer.get("min_fire_prob"))]
         if probe:
             measured = layer.get("measured_dead_channels")
-            row += [fmt_num(acc.count(measured)) if measured is not None else NONE, fmt_num(layer.get("positions_seen"))]
+            row += [fmt_num(acc.count(measured)) if measured is not None else NONE,
+                    fmt_num(layer.get("positions_seen"))]
         rows.append(row)
     return Table(f"All BN layers ({len(layers)})", headers, rows, kinds, collapsed=True)

@@ -16,7 +16,7 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False) -
     if quiet:
         console.print(escape(result.summary_line()), highlight=False)
         return
-    console.print(f"[bold]{escape(result.source['path'])}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
+    console.print(f"[bold]{escape(result.source.path)}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
                   + ", ".join(f"{k}={v}" for k, v in result.parameters.items()
                               if k not in ("method", "layers", "channels") and v is not None) + ")", highlight=False)
     for modality, state in result.diagnosis.items():

@@ -130,7 +130,8 @@ def unregister(name: str) -> None:
 
 
 def names() -> tuple[str, ...]:
-    return tuple(_METHODS)
+    """The registered method names, sorted."""
+    return tuple(sorted(_METHODS))
 
 
 def get(name: str) -> Method:

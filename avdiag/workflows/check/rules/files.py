@@ -19,7 +19,7 @@ from avdiag.errors import (
     UsageError,
 )
 from avdiag.findings import ERROR, INFO, OUTCOME_ERROR, OUTCOME_FAIL, OUTCOME_REPORT
-from avdiag.workflows.check.rules.base import REGISTRY, CheckRule, register
+from avdiag.workflows.check.rules.base import REGISTRY, CheckRule, Facts, Verdict, register
 
 NOTHING_MODES = ("error", "violation", "pass")  # the policy's on_nothing_analysed
 
@@ -42,6 +42,9 @@ class FileRule(CheckRule):
 
     def message(self, error: BaseException) -> str:
         return one_line(error) or type(error).__name__
+
+    def evaluate(self, facts: Facts, params: dict[str, Any]) -> Verdict:
+        return Verdict()  # a file that was opened and scanned has nothing to report here
 
     def outcome(self, location_kind: str, on_nothing_analysed: str) -> str:
         return OUTCOME_ERROR

@@ -49,13 +49,15 @@ file, by contrast, could not be analysed at all: exit 2.
 A path that matches no checkpoint, a folder without checkpoints, a Git LFS pointer (the weights
 were never fetched) or a checkpoint without tensors is never a silent pass: `on_nothing_analysed`
 decides whether it is an error (default, exit 2), a violation (exit 1) or a pass (still reported,
-as a note).
+as info).
 
 ### Rules
 
 Rule ids are stable (never renamed or reused). Content rules share their ids with the findings of
-`avdiag inspect`. Severities: `error`, `warning`, `note`, or `off` (not evaluated). A violation
-fails the run when its severity is at least `fail_on` (default `error`) and it is not suppressed.
+`avdiag inspect`, and `inspect` reports a finding at the severity of its rule's default here.
+Severities: `error`, `warning`, `info` (`note` is accepted as another name for it), or `off` (not
+evaluated). A violation fails the run when its severity is at least `fail_on` (default `error`) and
+it is not suppressed.
 
 | id | default | what fails | parameters [defaults] |
 |---|---|---|---|
@@ -104,7 +106,7 @@ nonfinite-tensor = "error"                                   # a string sets the
 dead-channels = { max_ratio = 0.05, modalities = { audio = 0.10 }, layers = { "visual_net.layer4.*" = 0.25 } }
 abnormal-affine = { severity = "error", max_ratio = 0.01 }
 dead-channels-growth = { max_growth = 2 }
-possibly-dead-channels = "note"
+possibly-dead-channels = "info"
 modality-contribution = { severity = "error", min_share = 0.25, max_rho = 3.0 }   # with --data
 modality-conflict = { min_cos_mean = -0.05, max_conflict_rate = 0.6 }
 
@@ -158,38 +160,31 @@ checked at all, unless the policy names them: then each checkpoint reports them 
 ### Reports
 
 All at once: the terminal (one line per checkpoint, its violations, a summary line), `--json PATH`
-(`-`: stdout, nothing else there; schema 1.0, `tool.command = "check"`), `--junit PATH` (one
+(`-`: stdout, nothing else there; schema 1.1, `tool.command = "check"`, `checkpoints`: one
+`{path, format, sha256}` per checkpoint checked), `--junit PATH` (one
 `testsuite` per checkpoint, one `testcase` per enabled rule: `failure` for violations that fail the
 run, `error` for files that could not be analysed, `skipped` for rules not evaluated), `--sarif PATH`
-(SARIF 2.1.0, validated against the OASIS schema in the tests: rules with their configured level,
+(SARIF 2.1.0, validated against the OASIS schema in the tests: rules with their configured level (`info` is
+SARIF's `note`),
 one result per violation with the checkpoint's path, the tensor / layer / modality as a logical
 location, and `partialFingerprints["avdiag/v1"]` = a hash of rule id, path and location, stable
 across runs). Under GitHub Actions (`GITHUB_ACTIONS=true`) each unsuppressed violation is also an
-annotation line (`::error file=...,title=...::message`) on stdout (on stderr with `--json -`), and a
+annotation line (`::error file=...,title=...::message`; `::notice` for info) on stdout (on stderr with `--json -`), and a
 Markdown summary is appended to `$GITHUB_STEP_SUMMARY`.
+
+From Python, `avdiag.check(paths, policy=None, *, baseline=None, allow_globals=(), data=None,
+ogm_alpha=0.8, inspect_options=None)` returns a `CheckResult` (`exit_code`, `files`, `violations`,
+`to_dict()`, `to_frame()`: one row per violation); `data` is an `avdiag.DataSource`, decoded once for
+every checkpoint and the baseline.
 """
 
-from avdiag.check.paths import CHECKPOINT_SUFFIXES, expand_paths, looks_like_checkpoint
-from avdiag.check.policy import Policy, Suppression
-from avdiag.check.results import CheckResult, FileReport, Violation, fingerprint
-from avdiag.check.rules import (
-    ERROR,
-    FAIL_ON,
-    NOTE,
-    OFF,
-    OUTCOME_ERROR,
-    OUTCOME_FAIL,
-    OUTCOME_REPORT,
-    RULE_IDS,
-    SCHEMA_VERSION,
-    SEVERITIES,
-    SUPPRESSIBLE,
-    WARNING,
-    Rule,
-)
-from avdiag.check.run import check_paths
+from avdiag.workflows.check.figures import DataFigures
+from avdiag.workflows.check.paths import CHECKPOINT_SUFFIXES, expand_paths, looks_like_checkpoint
+from avdiag.workflows.check.policy import FAIL_ON, Policy, Rule, Suppression
+from avdiag.workflows.check.results import CheckResult, FileReport, Violation, fingerprint
+from avdiag.workflows.check.rules import REGISTRY, RULE_IDS, SUPPRESSIBLE, CheckRule
+from avdiag.workflows.check.run import check
 
-__all__ = ["CheckResult", "FileReport", "Policy", "Rule", "Suppression", "Violation", "RULE_IDS",
-           "check_paths", "expand_paths", "looks_like_checkpoint", "fingerprint", "CHECKPOINT_SUFFIXES",
-           "ERROR", "WARNING", "NOTE", "OFF", "SEVERITIES", "FAIL_ON", "SUPPRESSIBLE", "SCHEMA_VERSION",
-           "OUTCOME_ERROR", "OUTCOME_FAIL", "OUTCOME_REPORT"]
+__all__ = ["check", "CheckResult", "FileReport", "Violation", "Policy", "Rule", "Suppression", "CheckRule",
+           "DataFigures", "REGISTRY", "RULE_IDS", "SUPPRESSIBLE", "FAIL_ON", "CHECKPOINT_SUFFIXES", "expand_paths",
+           "looks_like_checkpoint", "fingerprint"]

@@ -113,12 +113,13 @@ def test_conflict_report_section_has_its_charts(tmp_path, capsys):
     import io
     import re
 
+    from avdiag.report.document import build_document
     from avdiag.report.html import render_html
 
     ckpt = _checkpoint(tmp_path, n_classes=4)
     code, out, _ = _run(["conflict", str(ckpt), "--data", "synthetic:n=8,classes=4", "--batch-size", "4",
                          "--heldout-split", "none", "--json", "-"], capsys)
-    page = render_html([json.loads(out)])
+    page = render_html(build_document([json.loads(out)]))
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert "Gradient conflict per layer" in page and "Contribution per modality" in page and len(images) == 2
     for data in images:

@@ -6,9 +6,12 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from avdiag._version import __version__
-from avdiag.check.policy import Policy
-from avdiag.check.rules import OUTCOME_FAIL, OUTCOME_REPORT, SCHEMA_VERSION, SEVERITIES
+from avdiag.findings import OUTCOME_ERROR, OUTCOME_FAIL, OUTCOME_REPORT, SEVERITIES
+from avdiag.results import CheckpointRef, envelope
+from avdiag.workflows.check.policy import Policy
+
+VIOLATION_COLUMNS = ("path", "status", "rule_id", "severity", "location", "location_kind", "message", "outcome",
+                     "suppressed", "suppression_reason", "fingerprint")
 
 
 @dataclass
@@ -16,13 +19,13 @@ class Violation:
     """One rule broken by one checkpoint at one location."""
 
     rule_id: str
-    severity: str  # error / warning / note
+    severity: str  # error / warning / info
     path: str  # the checkpoint (or the pattern that matched nothing), as reports show it
-    location: str  # tensor or layer name, "modality:NAME", "baseline", or "" (the whole file)
+    location: str  # tensor or layer name, "modality:NAME", "baseline", "data", "head", or "" (the whole file)
     message: str
     fingerprint: str  # stable across runs: hash of rule id, path and location
     outcome: str = OUTCOME_FAIL  # error (exit 2) / fail (exit 1) / report (does not fail the run)
-    location_kind: str = "file"  # file / tensor / layer / modality / baseline
+    location_kind: str = "file"  # file / tensor / layer / modality / baseline / data
     suppressed: str | None = None  # the suppression's reason
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,7 +44,7 @@ class FileReport:
     status: str  # pass / fail / error
     violations: list[Violation] = field(default_factory=list)
     error: str | None = None  # why the file could not be analysed (or was refused)
-    inspection: dict[str, Any] | None = None  # a summary of the inspection; None when not analysed
+    inspection: dict[str, Any] | None = None  # a summary of the static scan; None when not analysed
     kind: str = "file"
     rules: list[str] = field(default_factory=list)  # the rules this entry was checked against
     not_evaluated: list[dict[str, str]] = field(default_factory=list)  # [{rule_id, reason}]
@@ -52,6 +55,10 @@ class FileReport:
     @property
     def analysed(self) -> bool:
         return self.inspection is not None
+
+    def ref(self) -> CheckpointRef:
+        scan = self.inspection or {}
+        return CheckpointRef(self.path, scan.get("format"), scan.get("sha256"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "status": self.status, "error": self.error,
@@ -84,6 +91,7 @@ class CheckResult:
 
     @property
     def checkpoints(self) -> list[FileReport]:
+        """The entries that are checkpoints (not patterns that matched nothing)."""
         return [f for f in self.files if f.kind == "file"]
 
     def counts(self) -> dict[str, Any]:
@@ -116,18 +124,22 @@ class CheckResult:
             parts.append(f"{c['n_not_evaluated']} rule check(s) not evaluated")
         return f"check {verdict}: " + "; ".join(parts) + f" (exit {self.exit_code})"
 
+    def summary(self) -> dict[str, Any]:
+        return {**self.counts(), "exit_code": self.exit_code, "unmatched": list(self.unmatched),
+                "excluded": list(self.excluded), "duration_s": round(self.duration_s, 4), "text": self.summary_line()}
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "avdiag", "version": __version__, "command": "check"},
-            "policy": self.policy.to_dict(),
-            "baseline": self.baseline,
-            "data": self.data,
-            "summary": {**self.counts(), "exit_code": self.exit_code, "unmatched": list(self.unmatched),
-                        "excluded": list(self.excluded), "duration_s": round(self.duration_s, 4),
-                        "text": self.summary_line()},
-            "files": [f.to_dict() for f in self.files],
-        }
+        """The JSON document: the result contract's keys, then the policy, baseline, data and files."""
+        return envelope("check", [f.ref() for f in self.checkpoints], self.summary(), {
+            "policy": self.policy.to_dict(), "baseline": self.baseline, "data": self.data,
+            "files": [f.to_dict() for f in self.files]})
+
+    def to_frame(self):
+        """One row per violation (pandas DataFrame), with its file's status."""
+        import pandas as pd
+
+        rows = [{"path": f.path, "status": f.status, **v.to_dict()} for f in self.files for v in f.violations]
+        return pd.DataFrame(rows, columns=list(VIOLATION_COLUMNS))
 
 
 def fingerprint(rule_id: str, path: str, location: str) -> str:
@@ -135,3 +147,7 @@ def fingerprint(rule_id: str, path: str, location: str) -> str:
     return hashlib.sha256(f"avdiag/v1\0{rule_id}\0{path}\0{location}".encode()).hexdigest()[:32]
 
 
+def status_of(violations: list[Violation]) -> str:
+    """A file's status from its violations' outcomes: error wins over fail, fail over pass."""
+    outcomes = {v.outcome for v in violations}
+    return "error" if OUTCOME_ERROR in outcomes else "fail" if OUTCOME_FAIL in outcomes else "pass"

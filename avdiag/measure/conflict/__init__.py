@@ -1,0 +1,49 @@
+"""Gradient conflict between the multimodal and the uni-modal objectives of an audio-visual model.
+
+The interface
+-------------
+One call over the model parts and the batches, returning a typed result::
+
+    from avdiag.measure.conflict import measure_conflict
+    result = measure_conflict(parts, batches, device, per_sample=True, train_mode=False, **options)
+
+``parts`` is an :class:`avdiag.models.parts.AVParts` (encoders, pooled features, fused head,
+uni-modal logits and their ``unimodal_source``); ``batches`` an iterable of dicts with ``audio``,
+``visual``, ``label`` and ideally ``index``. The result, :class:`GradientConflict`, keeps the
+per-batch records (:class:`BatchConflict`, one :class:`BatchModalityConflict` per encoder) and the
+per-sample rows (:class:`SampleConflict`); its summaries (:class:`ModalityConflict`, one per
+encoder) are derived from them. Every result type has ``to_dict()`` (JSON-safe: non-finite floats
+are null) and ``from_dict()`` (null reads back as NaN where a float is expected, and as None where
+None has a meaning of its own, such as a head with no shared parameters);
+:meth:`GradientConflict.combine` merges the results of disjoint shards so that every summary equals,
+bit for bit, that of one run over all the batches (summaries use ``math.fsum``). A distributed run
+measures its shard on each rank, sends ``to_dict()``, and rank 0 combines the ``from_dict()``
+copies. ``to_frame()`` gives the per-sample table.
+
+The modules
+-----------
+* :mod:`~avdiag.measure.conflict.mmpareto`: the algorithm (:func:`measure`, exported here as
+  :func:`measure_conflict`) and the MMPareto / PCGrad / cosine formulas;
+* :mod:`~avdiag.measure.conflict.per_sample`: the per-sample gradient engines (``vmap`` through
+  ``torch.func``, ``loop``) and their dispatch; :mod:`~avdiag.measure.conflict.hooks`: the
+  ``hooks`` engine;
+* :mod:`~avdiag.measure.conflict.gradients`: encoder bookkeeping, the saved model state, the pass
+  through the head; :mod:`~avdiag.measure.conflict.products`: underflow-free float64 products;
+* :mod:`~avdiag.measure.conflict.results`: the result types.
+
+Means over batches count each batch once whatever its size (``cos_mean``, population ``cos_std``,
+``conflict_rate`` the share of batches with ``cos <= 0``, ``magnitude_ratio_mean``, per-layer means).
+The model is moved to ``device``; its train/eval flags, its buffers and the ``requires_grad`` flags
+of its parameters are restored afterwards; ``.grad`` is not touched.
+"""
+
+from avdiag.measure.conflict.mmpareto import MMPARETO_GAMMA, cosine, mmpareto_scale, mmpareto_weights, pcgrad
+from avdiag.measure.conflict.mmpareto import measure as measure_conflict
+from avdiag.measure.conflict.results import (
+    BatchConflict, BatchModalityConflict, GradientConflict, ModalityConflict, SampleConflict,
+)
+
+__all__ = [
+    "BatchConflict", "BatchModalityConflict", "GradientConflict", "MMPARETO_GAMMA", "ModalityConflict",
+    "SampleConflict", "cosine", "measure_conflict", "mmpareto_scale", "mmpareto_weights", "pcgrad",
+]

@@ -1,0 +1,161 @@
+"""Shared machinery of the conflict measure: which parameters make up an encoder, the model state
+saved and restored around a measurement, and the pass through the head that gives the losses and
+their gradients at the pooled features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avdiag.measure.conflict.products import F64, stats3
+from avdiag.models.parts import AVParts
+
+MODALITIES = ("audio", "visual")
+
+
+@dataclass
+class Encoder:
+    """Encoder ``m``'s parameters, grouped by owning module for the per-layer breakdown."""
+
+    modality: str
+    module: nn.Module
+    names: list[str]  # parameter names relative to the encoder
+    params: list[nn.Parameter]
+    owners: list[int]  # parameter -> index into layers
+    layers: list[str]  # qualified module names (in the model)
+    modules: list[nn.Module]  # the module of each layer
+    shares_parameters: bool = False  # a parameter owned by more than one module (hooks engine: no)
+
+
+def _qualified_prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name + "." if name else ""
+    return ""
+
+
+def encoder_info(model: nn.Module, modality: str, enc: nn.Module) -> Encoder:
+    """The parameters of ``enc`` in module order, each owned by the first module that holds it."""
+    prefix = _qualified_prefix(model, enc)
+    names, params, owners, layers, modules = [], [], [], [], []
+    seen: set[int] = set()
+    shares = False
+    for mod_name, mod in enc.named_modules(remove_duplicate=False):
+        direct = list(mod.named_parameters(recurse=False))
+        own = [(n, p) for n, p in direct if id(p) not in seen]
+        shares = shares or len(own) < len(direct)
+        if not own:
+            continue
+        layers.append(prefix + mod_name if mod_name else prefix.rstrip(".") or modality)
+        modules.append(mod)
+        for n, p in own:
+            seen.add(id(p))
+            names.append(f"{mod_name}.{n}" if mod_name else n)
+            params.append(p)
+            owners.append(len(layers) - 1)
+    return Encoder(modality, enc, names, params, owners, layers, modules, shares)
+
+
+class ModelState:
+    """Saves train/eval flags, buffers (``save_buffers``) and requires_grad flags; switches every
+    parameter's requires_grad on inside the ``with`` block and restores everything on exit."""
+
+    def __init__(self, model: nn.Module, save_buffers: bool):
+        self.model = model
+        self.training = [(m, m.training) for m in model.modules()]
+        self.requires = [(p, p.requires_grad) for p in model.parameters()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()] if save_buffers else []
+
+    def __enter__(self) -> "ModelState":
+        for p, _ in self.requires:
+            p.requires_grad_(True)
+        return self
+
+    def reset_buffers(self) -> None:
+        """Undo what a train-mode forward did to the buffers (BatchNorm running statistics)."""
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+
+    def __exit__(self, *exc) -> None:
+        self.reset_buffers()
+        for p, flag in self.requires:
+            p.requires_grad_(flag)
+        for m, flag in self.training:
+            m.training = flag
+
+
+@dataclass
+class HeadPass:
+    losses: dict[str, float]  # "multimodal", "audio", "visual" (batch means)
+    cot_mm: dict[str, torch.Tensor]  # dCE(fused)/d feature m  (B, d_m), batch-mean loss
+    cot_uni: dict[str, torch.Tensor]  # dCE(uni m)/d feature m
+    head_products: tuple[float, float, float] | None  # <g_a, g_v>, |g_a|^2, |g_v|^2 on the shared head
+
+
+def head_pass(parts: AVParts, feats: dict[str, torch.Tensor], y: torch.Tensor,
+              head_params: list[nn.Parameter], masks: list[torch.Tensor | None] | None) -> HeadPass:
+    """Losses and their gradients at the pooled features (and, with ``masks``, the products of the
+    two uni-modal losses' gradients on the shared head elements), on a graph of the head alone:
+    the features are detached leaves."""
+    a = feats["audio"].detach().requires_grad_(True)
+    v = feats["visual"].detach().requires_grad_(True)
+    fused = parts.fuse(a, v)
+    uni = parts.unimodal(a, v)
+    l_mm = F.cross_entropy(fused, y)
+    l_uni = {m: F.cross_entropy(uni[m], y) for m in MODALITIES}
+    cot_mm = dict(zip(MODALITIES, torch.autograd.grad(l_mm, [a, v], allow_unused=True, retain_graph=True)))
+    hp = head_params if masks is not None else []
+    ga = torch.autograd.grad(l_uni["audio"], [a] + hp, allow_unused=True, retain_graph=True)
+    gv = torch.autograd.grad(l_uni["visual"], [v] + hp, allow_unused=True)
+    leaves = {"audio": a, "visual": v}
+    cot_uni = {"audio": ga[0], "visual": gv[0]}
+    for d in (cot_mm, cot_uni):
+        for m in MODALITIES:
+            if d[m] is None:
+                d[m] = torch.zeros_like(leaves[m])
+    products = None
+    if masks is not None and any(mk is not None for mk in masks):
+        acc = torch.zeros(3, dtype=F64, device=y.device)
+        for gx, gy, mk in zip(ga[1:], gv[1:], masks):
+            if mk is None or gx is None or gy is None:
+                continue
+            acc += stats3(gx[mk], gy[mk])
+        products = tuple(acc.tolist())
+    losses = {"multimodal": l_mm.detach(), **{m: l.detach() for m, l in l_uni.items()}}
+    return HeadPass({k: float(v) for k, v in losses.items()}, cot_mm, cot_uni, products)
+
+
+def shared_masks(parts: AVParts, head_params: list[nn.Parameter], feats: dict[str, torch.Tensor]
+                 ) -> list[torch.Tensor | None]:
+    """Per head tensor, the elements both uni-modal logits depend on (None: no such element),
+    probed with random features and random output weights at the current parameter values."""
+    if not head_params:
+        return []
+    g = torch.Generator().manual_seed(0)
+    probe = {m: torch.randn(4, feats[m].shape[1], generator=g).to(feats[m]) for m in MODALITIES}
+    out = parts.unimodal(probe["audio"], probe["visual"])
+    grads = {}
+    for m in MODALITIES:
+        w = torch.randn(out[m].shape, generator=g).to(out[m])
+        grads[m] = torch.autograd.grad((out[m] * w).sum(), head_params, allow_unused=True, retain_graph=True)
+    masks: list[torch.Tensor | None] = []
+    for ga, gv in zip(grads["audio"], grads["visual"]):
+        mk = None if ga is None or gv is None else (ga != 0) & (gv != 0)
+        masks.append(mk if mk is not None and bool(mk.any()) else None)
+    return masks
+
+
+def tensor_products(g1: Sequence[torch.Tensor | None], g2: Sequence[torch.Tensor | None],
+                    params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n_tensors, 3) float64: <g1, g2>, |g1|^2, |g2|^2 per parameter tensor (a missing gradient is zero)."""
+    rows = []
+    for a, b, p in zip(g1, g2, params):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        rows.append(stats3(a, b))
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=F64)

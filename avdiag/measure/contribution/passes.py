@@ -1,0 +1,80 @@
+"""Running the model over batches for the contribution measures: eval mode under
+``torch.inference_mode`` (no gradients, BatchNorm on its running statistics), every module's own
+train/eval flag restored afterwards. The encoders run once per batch; each measure's *collector*
+then takes what it needs from the batch and its pooled features, keeping its per-batch results on
+the device until the end (no per-batch synchronisation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from avdiag.errors import DataError
+from avdiag.models.parts import AVParts
+
+MODALITIES = ("audio", "visual")
+
+
+class Collector(Protocol):
+    """One measure's share of a pass: ``add`` is called once per batch, inside the pass."""
+
+    def add(self, parts: AVParts, batch: dict[str, torch.Tensor], feats: dict[str, torch.Tensor],
+            index: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and inference mode; every module's own train/eval flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def device_of(parts: AVParts) -> torch.device:
+    p = next(parts.model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of ``batch`` on ``device``; a batch without audio, visual or label is refused."""
+    missing = [k for k in (*MODALITIES, "label") if k not in batch]
+    if missing:
+        raise DataError(f"contribution needs audio, visual and label in every batch; missing {missing}")
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def batch_index(batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
+    """The batch's dataset indices, or positions counted from ``start`` when it carries none."""
+    n = batch["label"].shape[0]
+    if "index" in batch:
+        return batch["index"].reshape(n).long()
+    return torch.arange(start, start + n, device=batch["label"].device)
+
+
+def run(parts: AVParts, batches: Iterable[dict], device: torch.device | str, collectors: Sequence[Collector],
+        empty: str = "no batches to measure") -> int:
+    """Move the model to ``device`` and feed every batch, with its pooled features, to each collector;
+    the number of samples. ValueError(``empty``) when there is no batch."""
+    device = torch.device(device)
+    parts.model.to(device)
+    seen = 0
+    with evaluating(parts.model):
+        for raw in batches:
+            batch = to_device(raw, device)
+            index = batch_index(batch, seen)
+            seen += int(index.shape[0])
+            feats = parts.features(batch)
+            for collector in collectors:
+                collector.add(parts, batch, feats, index)
+    if not seen:
+        raise ValueError(empty)
+    return seen
