@@ -12,10 +12,11 @@ the DEFAULTS HALVE EVERY SPATIAL SIDE: audio ``--audio 128,94``, visual ``--imag
 frame (``--frames``), about 2.5 minutes in all; ``--audio 257,188 --image-size 224`` is the full
 size. The comparisons:
 
-1. per-sample cosines: ``measure_conflict(parts, [batch], per_sample=True)`` (eval mode; its
-   per-batch figures come from the same passes) against a LOOP of batch-size-1 backward passes
-   (eval mode; per sample one forward, ``torch.autograd.grad`` of the fused loss for both
-   encoders, of each uni-modal loss for its encoder, then the flattened cosines). The loop runs over
+1. per-sample cosines: ``measure_conflict(parts, [batch], per_sample=True, method=--method)`` (eval
+   mode; with the hooks engine its per-batch figures come from the same passes; ``--method`` picks
+   the engine of :mod:`avdiag.measure.conflict.per_sample`, default ``auto``) against a LOOP of
+   batch-size-1 backward passes (eval mode; per sample one forward, ``torch.autograd.grad`` of the
+   fused loss for both encoders, of each uni-modal loss for its encoder, then the flattened cosines). The loop runs over
    the first ``--loop-samples`` samples and its time is scaled to the whole batch
    (every iteration is the same work; default 16 samples); their cosines must agree within 1e-4.
    Target: the loop (scaled) >= 10x the implementation.
@@ -39,9 +40,8 @@ size. The comparisons:
 2. per-batch conflict: ``measure_conflict(parts, [batch], per_sample=False, train_mode=True)``
    against one plain training forward + backward (train mode, ``CE(fused).backward()``).
    Target <= 2.5x.
-3. exact Shapley by feature ablation: ``avdiag.measure.contribution.shapley_batch(parts, batch)``
-   when that module exists (else a stand-in written here: encoders once, the fused head on the four
-   coalitions, 2-player Shapley of the 0/1 correctness game; the output says which) against one plain
+3. exact Shapley by feature ablation: ``avdiag.measure.contribution.shapley.shapley_batch(parts,
+   batch)`` (encoders once, the fused head once on the four stacked coalitions) against one plain
    eval forward under ``torch.no_grad()``. Target <= 1.3x.
 
 One untimed warm-up of everything, then ``--repeats`` rounds, the approaches interleaved within a
@@ -73,8 +73,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from avdiag.measure.conflict import measure_conflict
+from avdiag.measure.conflict.per_sample import ENGINES
+from avdiag.measure.contribution.shapley import shapley_batch
 from avdiag.models import OGMGEClassifier
-from avdiag.models.parts import AVParts, av_parts
+from avdiag.models.parts import av_parts
 
 N_CLASSES = 6
 TARGETS = {"per_sample_speedup": 10.0, "batch_ratio": 2.5, "shapley_ratio": 1.3}
@@ -197,27 +199,6 @@ def plain_forward(model: OGMGEClassifier, batch: dict[str, torch.Tensor]) -> tor
         return model(batch["audio"], batch["visual"])[2]
 
 
-def standin_shapley(parts: AVParts, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exact 2-player Shapley, pooled feature zeroed (Wei et al., CVPR 2024), v(S) = |S| 1[correct]."""
-    parts.model.eval()
-    with torch.no_grad():
-        f = parts.features(batch)
-        a, v = f["audio"], f["visual"]
-        za, zv = torch.zeros_like(a), torch.zeros_like(v)
-        logits = parts.fuse(torch.cat([a, a, za]), torch.cat([v, zv, v])).chunk(3)
-        y = batch["label"]
-        v_av, v_a, v_v = ((lg.argmax(1) == y).double() * k for lg, k in zip(logits, (2, 1, 1)))
-        return {"audio": (v_a + v_av - v_v) / 2, "visual": (v_v + v_av - v_a) / 2}
-
-
-def shapley_fn() -> tuple[Callable[[AVParts, dict], object], str]:
-    try:
-        from avdiag.measure.contribution import shapley_batch
-    except ImportError:
-        return standin_shapley, "stand-in (avdiag.measure.contribution.shapley_batch not found)"
-    return shapley_batch, "avdiag.measure.contribution.shapley_batch"
-
-
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -236,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                          "scaled to the batch")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", choices=("auto", *ENGINES), default="auto",
+                    help="per-sample engine of measure_conflict (default auto: hooks where they apply)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args(argv)
     if min(args.batch_size, args.repeats, args.width, args.image_size, args.frames) < 1:
@@ -250,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parts = av_parts(model)
     batch = make_batch(args, device)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
-    shapley, shapley_name = shapley_fn()
 
     def restore_buffers() -> None:
         with torch.no_grad():
@@ -262,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
 
     approaches: dict[str, Callable[[], object]] = {
         "plain_forward": lambda: plain_forward(model, batch),
-        "shapley": lambda: shapley(parts, batch),
+        "shapley": lambda: shapley_batch(parts, batch),
         "plain_train_step": run_plain_step,
         "conflict_batch": lambda: measure_conflict(parts, [batch], device, per_sample=False, train_mode=True),
         "floor_exact": lambda: floor_exact(model, batch),
-        "conflict_per_sample": lambda: measure_conflict(parts, [batch], device, per_sample=True),
+        "conflict_per_sample": lambda: measure_conflict(parts, [batch], device, per_sample=True, method=args.method),
         "loop_per_sample": lambda: loop_cosines(model, batch, n_loop),
     }
     times: dict[str, list[float]] = {k: [] for k in approaches}
@@ -275,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"conflict_bench: OGMGEClassifier(6, 'concat', width={args.width}), batch {args.batch_size}, "
           f"audio {args.audio}, visual {args.frames}x{args.image_size}x{args.image_size}, device {device}, "
           f"threads {torch.get_num_threads()}, repeats {args.repeats}, loop over {n_loop} samples", flush=True)
-    print(f"Shapley: {shapley_name}", flush=True)
+    print(f"per-sample engine: {args.method}", flush=True)
     for rnd in range(args.repeats + 1):  # round 0: warm-up
         ours = loop = None
         for name, fn in approaches.items():
@@ -328,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(<= {COS_TOL:g}) {'PASS' if cos_ok else 'FAIL'}")
     print(f"per-batch conflict / plain forward+backward: {figures['batch_ratio']:.2f}x "
           f"(target <= {TARGETS['batch_ratio']:g}x) {'PASS' if ok['batch_ratio'] else 'FAIL'}")
-    print(f"exact Shapley ({'contribution' if 'contribution' in shapley_name else 'stand-in'}) / plain forward: "
+    print(f"exact Shapley (shapley_batch) / plain forward: "
           f"{figures['shapley_ratio']:.2f}x (target <= {TARGETS['shapley_ratio']:g}x) "
           f"{'PASS' if ok['shapley_ratio'] else 'FAIL'}")
     if args.json:
         report = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                   "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "platform": platform.platform(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "loadavg": os.getloadavg(), "shapley": shapley_name, "times": times, "medians": med,
+                  "loadavg": os.getloadavg(), "method": args.method, "times": times, "medians": med,
                   "cpu_times": cpu_times, "cpu_medians": cpu_med, "cpu_figures": cpu_figures,
                   "figures": figures, "targets": TARGETS, "pass": ok, "max_cos_diff": max_diff, "cos_ok": cos_ok}
         with open(args.json, "w") as fh:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from avdiag.data import make_loader, open_dataset
+from avdiag.errors import DataError
 from avdiag.measure.conflict import GradientConflict, ModalityConflict, measure_conflict, mmpareto_weights
 from avdiag.models import ConcatFusion, MMParetoClassifier, OGMGEClassifier
 from avdiag.models.parts import AVParts, av_parts
@@ -341,7 +342,8 @@ def test_non_finite_floats_are_null_and_read_back_as_nan(batches):
     result = measure_conflict(av_parts(model), batches[:1], "cpu")
     result.samples[0].cos_audio = math.nan
     result.batches[0].modalities["visual"].cos = math.inf
-    result.batches[0].modalities["visual"].per_layer["visual_net.conv1"] = math.nan
+    layer = result.layers["visual"][0]
+    result.batches[0].modalities["visual"].per_layer[layer] = math.nan
     result.batches[0].head_cos = math.nan
     text = json.dumps(result.to_dict(), allow_nan=False)
     assert '"nan"' not in text.lower() and '"inf"' not in text.lower()
@@ -350,11 +352,11 @@ def test_non_finite_floats_are_null_and_read_back_as_nan(batches):
     back = GradientConflict.from_dict(doc)
     assert math.isnan(back.samples[0].cos_audio) and math.isnan(back.batches[0].head_cos)
     assert math.isnan(back.batches[0].modalities["visual"].cos)
-    assert math.isnan(back.batches[0].modalities["visual"].per_layer["visual_net.conv1"])
+    assert math.isnan(back.batches[0].modalities["visual"].per_layer[layer])
     assert json.dumps(back.to_dict(), allow_nan=False) == text
     summary = back.summary("audio")
     again = ModalityConflict.from_dict(json.loads(json.dumps(summary.to_dict(), allow_nan=False)))
-    assert again.to_dict() == summary.to_dict() and again.batches == 1 and math.isnan(again.sample_cos_mean) is False
+    assert again.to_dict() == summary.to_dict() and again.batches == 1 and math.isfinite(again.sample_cos_mean)
 
 
 def test_audio_dominated_synthetic_report():
@@ -386,6 +388,15 @@ def test_audio_dominated_synthetic_report():
     for s in result.samples:
         for got, want in ((s.cos_audio, ref[s.index]["cos_audio"]), (s.cos_visual, ref[s.index]["cos_visual"])):
             assert (math.isnan(got) and math.isnan(want)) or close(got, want), (s.index, got, want)
+
+
+def test_a_batch_without_a_modality_is_a_data_error(batches):
+    model, _ = build("concat")
+    audio_only = {k: v for k, v in batches[0].items() if k != "visual"}
+    with pytest.raises(DataError, match="no visual"):
+        measure_conflict(av_parts(model), [audio_only], "cpu")
+    with pytest.raises(ValueError, match="method"):
+        measure_conflict(av_parts(model), batches, "cpu", method="magic")
 
 
 def test_mmpareto_weights_formula():

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from avdiag.data import make_loader, open_dataset
+from avdiag.errors import DataError
 from avdiag.measure.contribution import (
-    ContributionPartial, contribution_partial, measure_contribution, shapley_batch, shapley_input_ablation,
+    Contribution, ContributionPartial, ModalityGap, contribution_partial, learning_state, measure_contribution,
+    modality_gap, ogm, opm, shapley, shapley_batch, shapley_input_ablation, unimodal,
 )
 from avdiag.models import MMParetoClassifier, OGMGEClassifier, resnet18
 from avdiag.models.parts import AVParts, av_parts
@@ -306,6 +308,7 @@ def test_no_heldout_and_unequal_dims(batches):
                     ("audio", "visual"))
     result = measure_contribution(parts, batches, "cpu")
     assert result.modality_gap.distance is None and "differ" in result.modality_gap.reason
+    assert ModalityGap.from_dict(result.modality_gap.to_dict(records=False)).distance is None
     s = result.learning_state.modalities["audio"]
     assert s.purity_train is not None and s.purity_heldout is None and s.gap is None and s.alpha is None
     json.dumps(result.to_dict(), allow_nan=False)
@@ -356,6 +359,68 @@ def test_shards_combine_to_the_single_run(batches):
     _close(again.to_dict(samples=True), single.to_dict(samples=True))
     with pytest.raises(ValueError, match="disjoint"):
         ContributionPartial.combine([shard_a, shard_a])
+    # the results combine too, and round-trip through their records
+    results = [Contribution.from_dict(json.loads(json.dumps(p.result().to_dict(records=True), allow_nan=False)))
+               for p in (shard_b, shard_a)]
+    _close(Contribution.combine(results).to_dict(samples=True), single.to_dict(samples=True))
+    with pytest.raises(ValueError, match="records"):
+        Contribution.from_dict(single.to_dict())
+
+
+MEASURES = {"shapley": shapley.measure, "unimodal": unimodal.measure, "ogm": ogm.measure, "opm": opm.measure,
+            "learning_state": learning_state.measure, "modality_gap": modality_gap.measure}
+
+
+@pytest.mark.parametrize("name", list(MEASURES))
+def test_each_measure_round_trips_and_combines(name, batches):
+    """measure(parts, batches, device) -> result; shards shipped as JSON and combined in the wrong
+    order give the figures of one run over all the batches."""
+    parts = av_parts(_build("heads"))
+    whole = MEASURES[name](parts, batches, "cpu")
+    shards = [MEASURES[name](parts, batches[i:i + 1], "cpu") for i in range(len(batches))]
+    kind = type(whole)
+    shipped = [kind.from_dict(json.loads(json.dumps(r.to_dict(), allow_nan=False))) for r in reversed(shards)]
+    _close(kind.combine(shipped).to_dict(), whole.to_dict())
+    _close(kind.from_dict(whole.to_dict()).to_dict(), whole.to_dict())
+
+
+def test_each_measure_alone_equals_the_one_pass(batches):
+    parts = av_parts(_build("gated"))
+    together = measure_contribution(parts, batches, "cpu", heldout_batches=batches[:2])
+    feature = shapley.measure(parts, batches, "cpu")
+    inputs = shapley.measure(parts, batches, "cpu", ablation="input")
+    for m in ("audio", "visual"):
+        c = together.modalities[m]
+        assert (feature.mean(m, "accuracy"), feature.mean(m, "probability")) == \
+            (c.shapley_mean_accuracy, c.shapley_mean_probability)
+        assert inputs.mean(m, "probability") == c.shapley_input_mean_probability
+        assert unimodal.measure(parts, batches, "cpu").accuracy(m) == c.unimodal_accuracy
+    assert ogm.measure(parts, batches, "cpu").to_dict() == together.ogm.to_dict()
+    assert opm.measure(parts, batches, "cpu").to_dict() == together.opm.to_dict()
+    state = learning_state.measure(parts, batches, "cpu", heldout_batches=batches[:2])
+    assert state.to_dict(records=False) == together.learning_state.to_dict(records=False)
+    assert modality_gap.measure(parts, batches, "cpu").distance == together.modality_gap.distance
+    with pytest.raises(ValueError, match="ablation"):
+        shapley.measure(parts, batches, "cpu", ablation="noise")
+    with pytest.raises(DataError, match="visual"):
+        ogm.measure(parts, [{k: v for k, v in batches[0].items() if k != "visual"}], "cpu")
+
+
+def test_non_finite_values_travel_as_null(batches):
+    """A shard's records go through JSON for the torchrun gather: NaN and infinities come back NaN."""
+    partial = contribution_partial(av_parts(_build("concat")), batches[:1], "cpu")
+    partial.shapley.probability["audio"][0] = np.nan
+    partial.unimodal.probability["visual"][2] = np.inf
+    partial.features.features["visual"][1, 0] = np.nan
+    partial.modality_gap.feature_sums["audio"][3] = np.nan
+    text = json.dumps(partial.to_dict(), allow_nan=False)
+    assert '"nan"' not in text.lower() and '"inf"' not in text.lower()
+    back = ContributionPartial.from_dict(json.loads(text))
+    assert np.isnan(back.shapley.probability["audio"][0]) and np.isnan(back.shapley.phi_probability["audio"][0])
+    assert np.isnan(back.unimodal.probability["visual"][2])
+    assert np.isnan(back.features.features["visual"][1, 0])
+    assert np.isnan(back.modality_gap.feature_sums["audio"][3]) and np.isnan(back.modality_gap.distance)
+    assert back.unimodal.batch_scores.shape == (1, 4)
 
 
 # --- an audio-dominated task -----------------------------------------------------------------------

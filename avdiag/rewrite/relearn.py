@@ -1,6 +1,6 @@
 """Re-learning (Diagnosing & Re-learning, Wei, Li, Feng, Hu, ECCV 2024): a soft re-initialisation of
 each encoder towards its initial weights, with the strength alpha_m that the learning state
-(:mod:`avdiag.measure.learning_state`) gives: theta <- alpha_m * theta_init + (1 - alpha_m) * theta over
+(:mod:`avdiag.measure.contribution.learning_state`) gives: theta <- alpha_m * theta_init + (1 - alpha_m) * theta over
 the encoder's conv weights and BN gamma/beta (not running statistics, not the heads).
 """
 

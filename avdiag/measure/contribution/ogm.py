@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from avdiag.measure.contribution import unimodal
@@ -63,8 +64,9 @@ def dataset_scores(batch_scores: BatchScores) -> dict[str, float]:
 
 
 def batch_mean(per_batch: list[dict[str, float]]) -> dict[str, float]:
-    """Per modality, the mean over batches (correctly rounded; NaN without batches)."""
-    return {m: math.fsum(d[m] for d in per_batch) / len(per_batch) if per_batch else math.nan for m in MODALITIES}
+    """Per modality, the mean over batches (NaN without batches). The batches are in the order of
+    their first dataset index (:func:`as_batch_scores`), so merged shards give the same mean."""
+    return {m: float(np.mean([d[m] for d in per_batch])) if per_batch else math.nan for m in MODALITIES}
 
 
 @dataclass(frozen=True)

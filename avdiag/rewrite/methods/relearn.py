@@ -1,5 +1,5 @@
 """``--method relearn``: Diagnosing & Re-learning (Wei, Li, Feng, Hu, ECCV 2024). Each encoder's learning
-state on the data gives alpha_m = tanh(lam * purity gap) (:mod:`avdiag.measure.learning_state`); its conv
+state on the data gives alpha_m = tanh(lam * purity gap) (:mod:`avdiag.measure.contribution.learning_state`); its conv
 weights and BN gamma/beta move towards their initial values by alpha_m (:mod:`avdiag.rewrite.relearn`)."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def apply(target: RewriteInput, o: RelearnOptions) -> Rewrite:
 def _diagnose(data: DataAccess, prefixes: dict[str, str], modalities: list[str],
               o: RelearnOptions) -> dict[str, dict[str, Any]]:
     """The learning state of each of ``modalities``: cluster purity on the training and held-out splits."""
-    from avdiag.measure import learning_state
+    from avdiag.measure.contribution import learning_state
 
     resolved = data.model()
     with autocast(data.device, data.amp):

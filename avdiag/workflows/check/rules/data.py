@@ -30,7 +30,7 @@ NEEDS_DATA = "needs data: run check with --data"
 
 
 @register
-class ModalityContribution(CheckRule):
+class ModalityContributionRule(CheckRule):
     id = "modality-contribution"
     kind = "data"
     severity = WARNING
@@ -85,7 +85,7 @@ class ModalityContribution(CheckRule):
 
 
 @register
-class ModalityConflict(CheckRule):
+class ModalityConflictRule(CheckRule):
     id = "modality-conflict"
     kind = "data"
     severity = WARNING
@@ -129,7 +129,7 @@ class ModalityConflict(CheckRule):
 
 
 @register
-class ModalityContributionDrop(CheckRule):
+class ModalityContributionDropRule(CheckRule):
     id = "modality-contribution-drop"
     kind = "data-drop"
     severity = ERROR
