@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from avdiag import findings as F
+from avdiag import findings
 from avdiag.findings import Finding
 from avdiag.load import Checkpoint
 from avdiag.locate import Layout, Located
@@ -256,14 +256,14 @@ def _probe_findings(result: InspectResult) -> list[Finding]:
     out = []
     for name, m in result.measured.items():
         if m.dead:
-            out.append(F.finding(F.MEASURED_DEAD, name, f"{name}: {len(m.dead)} channels never fire on the data "
+            out.append(findings.finding(findings.MEASURED_DEAD, name, f"{name}: {len(m.dead)} channels never fire on the data "
                                  f"(<= {result.probe.thresholds.dead_rate:g} of positions) {_preview(m.dead)}"))
         if m.measured_only or m.predicted_only:
-            out.append(F.finding(F.PREDICTION_MISMATCH, name,
+            out.append(findings.finding(findings.PREDICTION_MISMATCH, name,
                                  f"{name}: static prediction and measurement disagree: predicted only "
                                  f"{_preview(m.predicted_only)}, measured only {_preview(m.measured_only)}"))
     for name in result.probe.missing_layers:
-        out.append(F.finding(F.NOT_PROBED, name, f"{name}: the model never ran this BN layer on the data"))
+        out.append(findings.finding(findings.NOT_PROBED, name, f"{name}: the model never ran this BN layer on the data"))
     return out
 
 
@@ -296,24 +296,24 @@ def _summarise(verdicts: list[LayerVerdicts], layout: Layout) -> dict[str, Modal
 
 
 def _findings(verdicts: list[LayerVerdicts], nonfinite: dict[str, int], t: Thresholds) -> list[Finding]:
-    out = [F.finding(F.NONFINITE, name, f"{name}: {n} NaN/Inf value(s)") for name, n in nonfinite.items()]
+    out = [findings.finding(findings.NONFINITE, name, f"{name}: {n} NaN/Inf value(s)") for name, n in nonfinite.items()]
     if not verdicts:
-        out.append(F.finding(F.NO_BATCHNORM, "", "no BatchNorm layer (running_mean/running_var) found"))
+        out.append(findings.finding(findings.NO_BATCHNORM, "", "no BatchNorm layer (running_mean/running_var) found"))
     for v in verdicts:
         name, c, src = v.layer.name, v.layer.channels, v.layer.activation_source
         checks = [
-            (F.DEAD, v.dead, f"{{n}}/{c} channels dead before {v.layer.activation} (z < {t.dead_z:g}, "
+            (findings.DEAD, v.dead, f"{{n}}/{c} channels dead before {v.layer.activation} (z < {t.dead_z:g}, "
                              f"or constant output <= {t.constant_scale:g}; activation from {src})"),
-            (F.ABNORMAL, v.abnormal, f"{{n}}/{c} channels with |gamma| and |beta| < {t.abnormal:g}"),
-            (F.COLLAPSED, v.collapsed, f"{{n}}/{c} feeding conv filters ({v.layer.conv}) are ~0"),
-            (F.CONSTANT, v.constant, f"{{n}}/{c} channels constant (s < {t.constant_scale:g})"),
-            (F.LOW_GAIN, v.low_gain, f"{{n}}/{c} channels with |gamma| < {t.low_gain:g}"),
-            (F.POSSIBLY_DEAD, v.possibly_dead, f"{{n}}/{c} channels would be dead if an activation follows "
+            (findings.ABNORMAL, v.abnormal, f"{{n}}/{c} channels with |gamma| and |beta| < {t.abnormal:g}"),
+            (findings.COLLAPSED, v.collapsed, f"{{n}}/{c} feeding conv filters ({v.layer.conv}) are ~0"),
+            (findings.CONSTANT, v.constant, f"{{n}}/{c} channels constant (s < {t.constant_scale:g})"),
+            (findings.LOW_GAIN, v.low_gain, f"{{n}}/{c} channels with |gamma| < {t.low_gain:g}"),
+            (findings.POSSIBLY_DEAD, v.possibly_dead, f"{{n}}/{c} channels would be dead if an activation follows "
                                                f"(unknown here; pass --assume-activation relu to count them)"),
         ]
         for rule_id, channels, text in checks:
             if channels:
-                out.append(F.finding(rule_id, name, f"{name}: " + text.format(n=len(channels))
+                out.append(findings.finding(rule_id, name, f"{name}: " + text.format(n=len(channels))
                                      + f" {_preview(channels)}"))
     return out
 

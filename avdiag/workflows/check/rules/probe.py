@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from avdiag import findings as F
+from avdiag import findings
 from avdiag.findings import OFF, WARNING
 from avdiag.workflows.check.rules.base import PROBE, register
 from avdiag.workflows.check.rules.static import FindingRule
@@ -14,20 +14,20 @@ class ProbeFindingRule(FindingRule):
 
 @register
 class PredictionMismatch(ProbeFindingRule):
-    id = F.PREDICTION_MISMATCH
+    id = findings.PREDICTION_MISMATCH
     severity = OFF
-    description = F.RULES[F.PREDICTION_MISMATCH][1]
+    description = findings.RULES[findings.PREDICTION_MISMATCH][1]
 
 
 @register
 class MeasuredDeadChannels(ProbeFindingRule):
-    id = F.MEASURED_DEAD
+    id = findings.MEASURED_DEAD
     severity = WARNING
-    description = F.RULES[F.MEASURED_DEAD][1]
+    description = findings.RULES[findings.MEASURED_DEAD][1]
 
 
 @register
 class LayerNotProbed(ProbeFindingRule):
-    id = F.NOT_PROBED
+    id = findings.NOT_PROBED
     severity = WARNING
-    description = F.RULES[F.NOT_PROBED][1]
+    description = findings.RULES[findings.NOT_PROBED][1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from avdiag import findings as F
+from avdiag import findings
 from avdiag.findings import ERROR, OFF, WARNING
 from avdiag.workflows.check.rules.base import CheckRule, Facts, Found, Param, Verdict, ratio, register, table_of
 
@@ -26,9 +26,9 @@ class FindingRule(CheckRule):
 
 @register
 class NonfiniteTensor(FindingRule):
-    id = F.NONFINITE
+    id = findings.NONFINITE
     severity = ERROR
-    description = F.RULES[F.NONFINITE][1]
+    description = findings.RULES[findings.NONFINITE][1]
 
     def location_kind(self, location: str) -> str:
         return "tensor"
@@ -91,7 +91,7 @@ def _ratio_params(max_ratio: float) -> dict[str, Param]:
 
 @register
 class DeadChannels(RatioRule):
-    id = F.DEAD
+    id = findings.DEAD
     severity = ERROR
     description = "dead BatchNorm channel ratio above its threshold (per modality or layer glob)"
     params = _ratio_params(0.05)
@@ -111,7 +111,7 @@ class DeadChannels(RatioRule):
 
 @register
 class AbnormalAffine(RatioRule):
-    id = F.ABNORMAL
+    id = findings.ABNORMAL
     severity = WARNING
     description = "ratio of abnormal BN affine pairs (|gamma| and |beta| tiny) above its threshold"
     params = _ratio_params(0.0)
@@ -126,37 +126,37 @@ class AbnormalAffine(RatioRule):
 
 @register
 class CollapsedFilters(FindingRule):
-    id = F.COLLAPSED
+    id = findings.COLLAPSED
     severity = WARNING
-    description = F.RULES[F.COLLAPSED][1]
+    description = findings.RULES[findings.COLLAPSED][1]
 
 
 @register
 class NoBatchNorm(FindingRule):
-    id = F.NO_BATCHNORM
+    id = findings.NO_BATCHNORM
     severity = WARNING
-    description = F.RULES[F.NO_BATCHNORM][1]
+    description = findings.RULES[findings.NO_BATCHNORM][1]
 
 
 @register
 class ConstantChannels(FindingRule):
-    id = F.CONSTANT
+    id = findings.CONSTANT
     severity = OFF
-    description = F.RULES[F.CONSTANT][1]
+    description = findings.RULES[findings.CONSTANT][1]
 
 
 @register
 class LowGainChannels(FindingRule):
-    id = F.LOW_GAIN
+    id = findings.LOW_GAIN
     severity = OFF
-    description = F.RULES[F.LOW_GAIN][1]
+    description = findings.RULES[findings.LOW_GAIN][1]
 
 
 @register
 class PossiblyDeadChannels(FindingRule):
-    id = F.POSSIBLY_DEAD
+    id = findings.POSSIBLY_DEAD
     severity = OFF
-    description = F.RULES[F.POSSIBLY_DEAD][1]
+    description = findings.RULES[findings.POSSIBLY_DEAD][1]
 
 
 def pct(share: float) -> str:
