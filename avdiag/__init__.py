@@ -7,7 +7,7 @@ and ``to_frame()``::
     result = avdiag.inspect("ckpt.pt")                       # dead / abnormal BatchNorm channels
     result = avdiag.inspect("ckpt.pt", data=avdiag.DataSource("cremad:/data/CREMA-D"))
     changes = avdiag.diff("before.pt", "after.pt")
-    rewrite = avdiag.reinit("ckpt.pt", "patched.pt", avdiag.ReinitOptions(method="abri"))
+    rewrite = avdiag.reinit("ckpt.pt", "patched.pt", avdiag.ReinitOptions("abri", avdiag.AbriOptions(scope="layers")))
     conflict = avdiag.conflict("ckpt.pt", avdiag.DataSource("synthetic"))
     gate = avdiag.check(["models/"])
 
@@ -31,6 +31,10 @@ _EXPORTS = {
     "reinit": "avdiag.workflows.reinit",
     "ReinitOptions": "avdiag.workflows.reinit",
     "ReinitResult": "avdiag.workflows.reinit",
+    "AbriOptions": "avdiag.workflows.reinit",
+    "ResetOptions": "avdiag.workflows.reinit",
+    "RelearnOptions": "avdiag.workflows.reinit",
+    "RecalibrateOptions": "avdiag.workflows.reinit",
     "conflict": "avdiag.workflows.conflict",
     "ConflictResult": "avdiag.workflows.conflict",
     "check": "avdiag.workflows.check",

@@ -65,6 +65,8 @@ def reinit(
     settings = dict(mode=mode, alpha=alpha, per_channel=per_channel, scope=scope, stats=stats, variant=variant,
                     lam=lam, alphas=alphas, init_ckpt=str(init_ckpt) if init_ckpt else None, seed=init_seed)
     options = ReinitOptions.from_flags(method, settings, modality=restrict[0] if restrict else None)
+    for flag in _unused_flags(settings, options.settings):
+        stderr_line(f"avdiag: warning: {flag} does not apply to --method {method} (ignored)")
     warn_unsafe(unsafe)
     load = LoadOptions(tuple(allow_global), unsafe, [m for m in modality if "=" in m] or None)
     result = run_reinit(checkpoint, target, options, data=data, load=load, in_place=in_place,
@@ -73,3 +75,19 @@ def reinit(
         stderr_line(f"avdiag: warning: {warning}")
     outputs.emit(result.to_dict(), lambda console: render_reinit(result, console, quiet=quiet))
     return 0
+
+
+# The flags a method may take, with their command-line defaults (a flag left at its default is not "given").
+_FLAGS = {"mode": ("--mode", "fold"), "alpha": ("--alpha", 0.5), "per_channel": ("--per-channel", False),
+          "scope": ("--scope", "flagged"), "stats": ("--stats", None), "variant": ("--variant", "all"),
+          "lam": ("--lam", 3.0), "alphas": ("--alpha-audio/--alpha-visual", {}), "init_ckpt": ("--init-ckpt", None),
+          "seed": ("--init-seed", 0)}
+
+
+def _unused_flags(given: dict, settings) -> list[str]:
+    """The flags given with a non-default value that the chosen method's settings have no field for."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(settings)} if dataclasses.is_dataclass(settings) else set()
+    return [_FLAGS[name][0] for name, value in given.items()
+            if name not in known and name in _FLAGS and value != _FLAGS[name][1]]

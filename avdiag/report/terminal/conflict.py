@@ -19,17 +19,8 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
     console.print(escape(f"{result.checkpoint.path}: {result.model} on {result.data} ({result.device}, "
                          f"{result.world_size} process(es)); uni-modal logits from "
                          f"{result.contribution.unimodal_source}"), highlight=False)
-    table = Table(title="per modality", title_justify="left")
-    for col in ("modality", "cos mean", "cos std", "conflict rate", "|g_uni|/|g_mm|", "sample conflict",
-                "shapley (acc)", "shapley (prob)", "uni-modal acc", "OGM score"):
-        table.add_column(col, justify="left" if col == "modality" else "right", no_wrap=True)
-    for m, s in result.conflict.summaries.items():
-        c = result.contribution.modalities.get(m)
-        table.add_row(m, f"{s.cos_mean:+.4f}", f"{s.cos_std:.4f}", f"{s.conflict_rate:.0%}",
-                      f"{s.magnitude_ratio_mean:.3f}", f"{s.sample_conflict_rate:.0%}",
-                      f"{c.shapley_mean_accuracy:.3f}" if c else "-", f"{c.shapley_mean_probability:.3f}" if c else "-",
-                      f"{c.unimodal_accuracy:.3f}" if c else "-", f"{c.ogm_score:.2f}" if c else "-")
-    console.print(table)
+    console.print(_conflict_table(result))
+    console.print(_contribution_table(result))
     ogm = result.contribution.ogm
     console.print(escape(f"OGM-GE (alpha {ogm.alpha:g}): rho {_fmt(ogm.rho)}, coefficients {_fmt(ogm.coefficients)}; "
                          f"OPM drop probability {_fmt(result.contribution.opm.drop_probability)}; fused accuracy "
@@ -43,3 +34,37 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
 
 def _fmt(d: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, (int, float)))
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """Short headers, numbers never truncated: both tables fit 80 columns."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "modality" else "right", no_wrap=True, overflow="fold")
+    return table
+
+
+def _conflict_table(result: "ConflictResult") -> Table:
+    table = _table("gradient conflict (MMPareto)", ("modality", "cos mean", "cos std", "conflict", "|g_uni|/|g_mm|",
+                                                     "per sample"))
+    for m, s in result.conflict.summaries.items():
+        table.add_row(m, _signed(s.cos_mean), f"{s.cos_std:.4f}", f"{s.conflict_rate:.0%}",
+                      f"{s.magnitude_ratio_mean:.3f}", f"{s.sample_conflict_rate:.0%}")
+    return table
+
+
+def _contribution_table(result: "ConflictResult") -> Table:
+    table = _table("contribution", ("modality", "Shapley acc", "Shapley prob", "uni-modal acc", "OGM score"))
+    for m in result.conflict.summaries:
+        c = result.contribution.modalities.get(m)
+        if c is None:
+            table.add_row(m, "-", "-", "-", "-")
+            continue
+        table.add_row(m, f"{c.shapley_mean_accuracy:.3f}", f"{c.shapley_mean_probability:.3f}",
+                      f"{c.unimodal_accuracy:.3f}", f"{c.ogm_score:.2f}")
+    return table
+
+
+def _signed(value: float) -> str:
+    text = f"{value:+.4f}"
+    return "+0.0000" if text == "-0.0000" else text

@@ -21,10 +21,14 @@ the policy), `--allow-global pkg.Class` (repeatable), `-q/--quiet` (the summary 
 and the data options of `inspect --data` (`--data SPEC`, `--model`, `--device`, `--split`,
 `--batch-size`, `--limit`, `--seed`, `--amp`, preprocessing) with `--ogm-alpha`.
 A pre-commit hook (`avdiag-check`, in `.pre-commit-hooks.yaml`) and a GitHub Actions workflow
-(`examples/ci/github-actions.yml`: CPU torch, SARIF upload to code scanning) are included.
+(`examples/ci/github-actions.yml`: CPU torch, SARIF upload to code scanning) are included. The hook
+is `language: system`: it runs the `avdiag` installed in the environment you commit from (installed
+with the CPU torch, as `make` does), so pre-commit builds no environment of its own and never pulls
+the multi-GB CUDA build of torch that an unpinned `pip install torch` would.
 
 Every checkpoint is analysed in one process (the static scan of `inspect`, without the file's
-SHA-256 unless the policy says `hash = true`), with a progress bar on stderr. A file that cannot be
+SHA-256 unless the policy says `hash = true`), with progress on stderr (a bar on a terminal, a
+plain line every 10 s when piped; none with `-q`). A file that cannot be
 analysed never stops the run: it becomes a violation of its rule in that file's report.
 
 Folders are searched recursively (hidden folders skipped) for files named `*.pt *.pth *.bin *.ckpt
