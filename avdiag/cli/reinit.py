@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from avdiag.cli.app import command
-from avdiag.cli.options import AllowGlobalOpt, JsonOpt, QuietOpt, ReportOpt, UnsafeOpt, takes_data
+from avdiag.cli.options import AllowGlobalOpt, JsonOpt, QuietOpt, ReportOpt, UnsafeOpt, VerboseOpt, takes_data
 from avdiag.cli.output import Outputs, stderr_line, warn_unsafe
 from avdiag.errors import UsageError
 
@@ -44,7 +44,7 @@ def reinit(
     in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input (atomically).")] = False,
     drop_optimizer: Annotated[bool, typer.Option("--drop-optimizer", help="Remove the (stale) optimizer state.")]
         = False,
-    json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False,
+    json_out: JsonOpt = None, report: ReportOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = False,
     allow_global: AllowGlobalOpt = [], unsafe: UnsafeOpt = False,
     data=None,
 ) -> int:
@@ -71,9 +71,9 @@ def reinit(
     load = LoadOptions(tuple(allow_global), unsafe, [m for m in modality if "=" in m] or None)
     result = run_reinit(checkpoint, target, options, data=data, load=load, in_place=in_place,
                         drop_optimizer=drop_optimizer)
-    for warning in result.warnings:
+    for warning in result.warnings if result.target is not None else []:  # else the summary line says it
         stderr_line(f"avdiag: warning: {warning}")
-    outputs.emit(result.to_dict(), lambda console: render_reinit(result, console, quiet=quiet))
+    outputs.emit(result.to_dict(), lambda console: render_reinit(result, console, quiet=quiet, verbose=verbose))
     return 0
 
 

@@ -40,6 +40,7 @@ class DataSource:
     cache: bool = False
     _datasets: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _batches: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _device: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.visual_layout is not None and self.visual_layout not in VISUAL_LAYOUTS:
@@ -48,6 +49,7 @@ class DataSource:
             raise UsageError("--visual-layout is for a --model factory (built-in models take (B,3,T,H,W))")
         if isinstance(self.spec, str) and not self.spec.strip():
             raise UsageError("--data: empty dataset spec")
+        self._device = pick_device(self.device)  # a bad --device is refused before any data is read
 
     @property
     def name(self) -> str:
@@ -94,7 +96,7 @@ class DataSource:
         return self._batches[split]
 
     def torch_device(self):
-        return pick_device(self.device)
+        return self._device
 
 
 def pick_device(name: str):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from avdiag._version import __version__
-from avdiag.errors import ModelError, UsageError, VerificationError
+from avdiag.errors import ModelError, VerificationError
 from avdiag.load import Checkpoint
 from avdiag.measure.thresholds import Thresholds
 from avdiag.results import CheckpointRef, envelope, finite
@@ -91,7 +91,7 @@ class ReinitResult:
     rewritten tensor."""
 
     source: CheckpointRef
-    target: str
+    target: str | None  # None: nothing was in scope, nothing was written
     method: str
     parameters: dict[str, Any]
     changes: list[RewrittenTensor]
@@ -102,6 +102,8 @@ class ReinitResult:
     diagnosis: dict[str, Any] = field(default_factory=dict)
 
     def summary_line(self) -> str:
+        if self.target is None:
+            return f"{self.method}: {self.warnings[0] if self.warnings else 'nothing in scope to rewrite'}"
         dead = ", ".join(f"{m} {self.dead_before.get(m, 0)} -> {self.dead_after.get(m, 0)}" for m in self.dead_before)
         forward = self.verification.get("forward")
         return (f"{self.method}: {len(self.changes)} tensors rewritten into {self.target}; "
@@ -154,7 +156,9 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
     for a Subject). ``in_place``: ``out`` may be the input, replaced atomically. ``drop_optimizer``: leave
     the optimizer state out. ``fmt``: the output format (default: the input's, or ``.safetensors`` by name).
 
-    Raises UsageError for bad options or nothing in scope, VerificationError when the written file does
+    Nothing in scope (a healthy checkpoint with the default scope) is a success: nothing is written, the
+    result's ``target`` is None and its warning says how to widen the scope. Raises UsageError for bad
+    options, VerificationError when the written file does
     not hold the intended rewrite (nothing is then written), other AvdiagError subclasses for bad input.
     """
     options = options or ReinitOptions()
@@ -168,8 +172,7 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
                                         _data_access(subject, data, batches) if data is not None else None)
     rewrite = method.apply(target_input, settings)
     if not rewrite.tensors:
-        words = _scope_words(method.name, rewrite.parameters)
-        raise UsageError(f"{subject.path}: nothing in scope to rewrite ({words})")
+        return _nothing_to_do(subject, method.name, rewrite, before)
     target = Path(out)
     verification, warnings = _write_verified(subject, rewrite, method, settings, before, target, data, batches,
                                              in_place=in_place, drop_optimizer=drop_optimizer, fmt=fmt)
@@ -177,6 +180,16 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
     return ReinitResult(subject.ref(), str(target), method.name, rewrite.parameters,
                         _changes(subject.ckpt, rewrite.tensors), _dead(before), _dead(after),
                         verification, warnings, rewrite.diagnosis)
+
+
+def _nothing_to_do(subject: Subject, method: str, rewrite, before) -> ReinitResult:
+    """A checkpoint with nothing in scope is a success: nothing is written, and the note says how to widen the scope."""
+    words = _scope_words(method, rewrite.parameters)
+    wider = " (--scope layers or --scope all rewrites more)" if "flagged" in words else ""
+    note = f"nothing in scope to rewrite ({words}): no file was written{wider}"
+    return ReinitResult(subject.ref(), None, method, rewrite.parameters, [], _dead(before), _dead(before),
+                        {"reloaded": False, "identical": 0, "rewritten": 0, "forward": None}, [note],
+                        rewrite.diagnosis)
 
 
 def _scope_words(method: str, parameters: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avdiag.errors import ModelError
 from avdiag.results import CheckpointRef
 
 
@@ -101,5 +102,16 @@ class Subject:
         return self._models[key]
 
     def model_for(self, data) -> Any:
-        """The model to run on ``data`` (a DataSource): its ``--model`` and ``--visual-layout``."""
-        return self.model(data.model, data.visual_layout)
+        """The model to run on ``data`` (a DataSource): its ``--model`` and ``--visual-layout``. Refuses data
+        with more classes than the model's head has (a one-line ModelError instead of an index error later)."""
+        resolved = self.model(data.model, data.visual_layout)
+        _check_classes(resolved, data)
+        return resolved
+
+
+def _check_classes(resolved, data) -> None:
+    head = getattr(getattr(resolved, "spec", None), "n_classes", None)
+    classes = getattr(data.dataset(), "classes", None) or []
+    if head and len(classes) > head:
+        raise ModelError(f"the data has {len(classes)} classes, the model's head has {head}: use data with the "
+                         "checkpoint's classes (or the checkpoint trained on this data)")

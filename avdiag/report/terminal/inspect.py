@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+
+from avdiag.report.terminal.columns import Column, count, fitted_table, number
 
 from typing import TYPE_CHECKING
 
@@ -25,12 +26,22 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
     console.print(f"[bold]{escape(ck.path)}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
     console.print(f"unwrapped: {escape(unwrapped)}; layout: {result.layout.name}"
                   + (f" (fusion {result.layout.fusion})" if result.layout.fusion else ""), highlight=False)
+    hidden = 0
     for name, summary in result.modalities.items():
         layers = [v for v in result.layers if v.layer.modality == name]
-        console.print(_modality_table(name, summary.prefix, layers, result.measured if result.probe else None))
-    for f in result.findings:
-        if verbose or f.severity != "info":
-            console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {escape(f.message)}", highlight=False)
+        table, clean = _modality_table(name, summary.prefix, layers, result.measured if result.probe else None,
+                                       console.width, verbose)
+        hidden += clean
+        if table is not None:
+            console.print(table)
+    if hidden:
+        console.print(f"[dim]{hidden} layer(s) without findings not shown: --verbose shows every layer[/]")
+    if verbose:
+        for f in result.findings:
+            console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {escape(f.message)}",
+                          highlight=False)
+    else:
+        _grouped_findings(result.findings, console)
     if result.probe:
         p = result.probe
         console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})"),
@@ -39,10 +50,44 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
             if m.agreement is not None:
                 console.print(f"  {name}: measured dead {m.n_measured_dead}/{m.n_bn_channels}, rarely active "
                               f"{m.n_rarely_active}; static prediction {_agreement(m.agreement)}", highlight=False)
-    n_info = sum(f.severity == "info" for f in result.findings)
-    if n_info and not verbose:
-        console.print(f"[dim]{n_info} informational finding(s): --verbose shows them[/]")
+    for step in next_steps(result):
+        console.print(f"next: {escape(step)}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def _grouped_findings(findings, console: Console) -> None:
+    """One line per rule: how many locations, where (the first few); --verbose gives every finding."""
+    groups: dict[tuple[str, str], list] = {}
+    for f in findings:
+        groups.setdefault((f.severity, f.id), []).append(f)
+    order = {"error": 0, "warning": 1, "info": 2}
+    for (severity, rule), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        where = [f.location for f in items if f.location]
+        if len(items) == 1:
+            text = items[0].message
+        else:
+            head = ", ".join(where[:3]) + (f", ... ({len(where) - 3} more)" if len(where) > 3 else "")
+            text = f"{len(items)} locations: {head}"
+        console.print(f"[{_SEVERITY_STYLE[severity]}]{severity:7}[/] {rule:22} {escape(text)}", highlight=False)
+    if len(findings) > len(groups):
+        console.print("[dim]--verbose (or --json) lists every finding with its channels[/]")
+
+
+def next_steps(result: InspectResult) -> list[str]:
+    """What to do next, when there is something to do."""
+    path = result.checkpoint.path
+    steps = []
+    n_flagged = sum(len(set(v.dead) | set(v.abnormal)) for v in result.layers)
+    if n_flagged:
+        steps.append(f"avdiag reinit {path} --out fixed.pt rewrites the {n_flagged} flagged channel(s) with ABRi "
+                     "(--scope layers|all for more), then avdiag diff shows what changed")
+        if result.probe is None:
+            steps.append(f"avdiag inspect {path} --data SPEC confirms on real data which channels never fire")
+    undecided = sum(m.n_possibly_dead for m in result.modalities.values())
+    if undecided:
+        steps.append(f"{undecided} channel(s) feed an unknown activation: --assume-activation relu (or --data with "
+                     "the model) decides them")
+    return steps
 
 
 def _agreement(a) -> str:
@@ -51,40 +96,50 @@ def _agreement(a) -> str:
            f"fn {a.false_negative})"
 
 
-def _modality_table(name: str, prefix: str | None, layers: list[LayerVerdicts], measured=None) -> Table:
-    title = escape(f"{name}" + (f" ({prefix.rstrip('.')})" if prefix else ""))
-    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
-    table.add_column("layer", no_wrap=True)
-    for col in ("dead", "abnormal", "const", "low-gain", "collapsed", "min z"):
-        table.add_column(col, justify="right", no_wrap=True)
+def _modality_table(name: str, prefix: str | None, layers: list[LayerVerdicts], measured, width: int,
+                    verbose: bool):
+    """The modality's BN layers, most important columns first; without ``verbose`` only the layers that
+    carry a finding. Returns the table (None when no row is shown) and how many clean layers were left out."""
+    shown = [v for v in layers if verbose or _has_finding(v, measured)]
+    title = name + (f" ({prefix.rstrip('.')})" if prefix else "")
+    if not shown:
+        return None, len(layers)
+    cols = [Column("layer", name=True), Column("dead"), Column("min z", 3), Column("abnormal", 2),
+            Column("collapsed", 4), Column("const", 5), Column("low-gain", 6), Column("feeds", 7, justify="left")]
+    by = {c.header: c for c in cols}
     if measured is not None:
-        table.add_column("measured dead", justify="right", no_wrap=True)
-        table.add_column("rare", justify="right", no_wrap=True)
-    table.add_column("feeds (source)", no_wrap=True)
-    for v in layers:
+        cols.insert(2, Column("measured", 1))
+        cols.insert(3, Column("rare", 6))
+        by.update({"measured": cols[2], "rare": cols[3]})
+    styles = []
+    for v in shown:
         c = v.layer.channels
-        dead = f"{len(v.dead)}/{c}" if v.layer.feeds_activation != "unknown" else f"?{len(v.possibly_dead)}/{c}"
-        style = "red" if v.dead else None
-        cells = [escape(v.layer.name.removeprefix(prefix or "")), dead, _n(v.abnormal), _n(v.constant), _n(v.low_gain),
-                 _n(v.collapsed), _z(v.worst_z)]
+        by["layer"].cells.append(v.layer.name.removeprefix(prefix or ""))
+        by["dead"].cells.append(f"{len(v.dead)}/{c}" if v.layer.feeds_activation != "unknown"
+                                else f"?{len(v.possibly_dead)}/{c}")
+        by["min z"].cells.append(number(v.worst_z, ".1f"))
+        by["abnormal"].cells.append(count(v.abnormal))
+        by["collapsed"].cells.append(count(v.collapsed))
+        by["const"].cells.append(count(v.constant))
+        by["low-gain"].cells.append(count(v.low_gain))
+        by["feeds"].cells.append(_feeds(v))
         if measured is not None:
             m = measured.get(v.layer.name)
-            cells += [f"{len(m.dead)}/{c}" if m else "n/a", _n(m.rarely_active) if m else "n/a"]
-        table.add_row(*cells, escape(_feeds(v)), style=style)
-    return table
+            by["measured"].cells.append(f"{len(m.dead)}/{c}" if m else "n/a")
+            by["rare"].cells.append(count(m.rarely_active) if m else "n/a")
+        styles.append("red" if v.dead else None)
+    return fitted_table(title, cols, width, styles), len(layers) - len(shown)
+
+
+def _has_finding(v: LayerVerdicts, measured) -> bool:
+    m = measured.get(v.layer.name) if measured is not None else None
+    return bool(v.dead or v.abnormal or v.collapsed or v.constant or v.low_gain or v.nonfinite or v.possibly_dead
+                or (m is not None and (m.dead or m.rarely_active)))
 
 
 def _feeds(v: LayerVerdicts) -> str:
     source = v.layer.activation_source.split(":")[0].replace("architecture", "arch")
     return f"{v.layer.activation or '?'} ({source})"
-
-
-def _n(items: list[int]) -> str:
-    return str(len(items)) if items else "-"
-
-
-def _z(z: float | None) -> str:
-    return "-" if z is None else f"{z:.1f}"
 
 
 def _unwrap_text(u: dict[str, str]) -> str:

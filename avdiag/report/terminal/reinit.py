@@ -2,37 +2,65 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from typing import TYPE_CHECKING
+from avdiag.report.terminal.columns import Column, fitted_table, number
 
 if TYPE_CHECKING:
     from avdiag.workflows.reinit import ReinitResult
 
 
-def render_reinit(result: ReinitResult, console: Console, quiet: bool = False) -> None:
-    if quiet:
+MAX_ROWS = 12
+
+
+def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, verbose: bool = False) -> None:
+    """Print ``result``: what was rewritten per module (per tensor with ``verbose``), dead channels before ->
+    after, what the verification proved, the summary."""
+    if quiet or result.target is None:
         console.print(escape(result.summary_line()), highlight=False)
         return
     console.print(f"[bold]{escape(result.source.path)}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
-                  + ", ".join(f"{k}={v}" for k, v in result.parameters.items()
-                              if k not in ("method", "layers", "channels") and v is not None) + ")", highlight=False)
+                  + escape(", ".join(f"{k}={v}" for k, v in result.parameters.items()
+                                     if k not in ("method", "layers", "channels") and v is not None)) + ")",
+                  highlight=False)
     for modality, state in result.diagnosis.items():
         console.print(f"  {modality}: purity train {state['purity_train']:.3f}, held-out {state['purity_heldout']:.3f},"
                       f" gap {state['gap']:.3f} -> alpha {state['alpha']:.3f}", highlight=False)
-    table = Table(title="rewritten tensors", title_justify="left")
-    for col in ("tensor", "channels changed", "norm before", "norm after"):
-        table.add_column(col, justify="left" if col == "tensor" else "right", no_wrap=True)
-    for c in result.changes:
-        table.add_row(escape(c.name), str(c.channels_changed), "-" if c.norm_before is None else f"{c.norm_before:.4g}",
-                      f"{c.norm_after:.4g}")
-    console.print(table)
+    console.print(_tensor_table(result, console.width) if verbose else _module_table(result, console.width))
     for modality in result.dead_before:
         console.print(f"  {modality}: dead channels {result.dead_before[modality]} -> "
                       f"{result.dead_after.get(modality, 0)}", highlight=False)
     v = result.verification
-    console.print(f"verified: reloaded, {v['identical']} tensors bit-identical, {v['rewritten']} as intended; "
-                  f"forward pass: {v['forward']}", highlight=False)
+    console.print(f"verified: the written file reloads with {v['identical']} tensors bit-identical to the input and "
+                  f"{v['rewritten']} exactly as intended; forward pass: {v['forward']}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def _module_table(result: ReinitResult, width: int):
+    """One row per rewritten module (a BN layer, a conv): its tensors and the most channels any of them changed."""
+    modules: dict[str, list] = {}
+    for c in result.changes:
+        modules.setdefault(c.name.rpartition(".")[0] or c.name, []).append(c)
+    rows = list(modules.items())
+    shown = rows[:MAX_ROWS]
+    cols = [Column("module", name=True), Column("channels changed"), Column("tensors", 1, justify="left")]
+    for name, changes in shown:
+        cols[0].cells.append(name)
+        cols[1].cells.append(str(max(c.channels_changed for c in changes)))
+        cols[2].cells.append(", ".join(c.name.rpartition(".")[2] for c in changes))
+    more = f" (first {len(shown)} of {len(rows)}; --verbose lists every tensor)" if len(rows) > len(shown) else \
+        " (--verbose lists every tensor with its norms)"
+    return fitted_table(f"rewritten modules{more}", cols, width)
+
+
+def _tensor_table(result: ReinitResult, width: int):
+    cols = [Column("tensor", name=True), Column("channels changed"), Column("norm before", 1), Column("norm after", 1)]
+    for c in result.changes:
+        cols[0].cells.append(c.name)
+        cols[1].cells.append(str(c.channels_changed))
+        cols[2].cells.append(number(c.norm_before, ".4g"))
+        cols[3].cells.append(number(c.norm_after, ".4g"))
+    return fitted_table("rewritten tensors", cols, width)
