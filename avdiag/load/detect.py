@@ -88,14 +88,27 @@ def _zip_kind(path: Path) -> str:
     )
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", ".tar")
+
+
+def _hint(directory: Path) -> str:
+    """Point at the checkpoints a folder holds: one to inspect, or `avdiag check` for all of them."""
+    try:
+        found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _CHECKPOINT_SUFFIXES)
+    except OSError:
+        return ""
+    if len(found) == 1:
+        return f"; it holds one checkpoint: avdiag inspect {found[0]}"
+    if found:
+        return f"; it holds {len(found)} checkpoints: avdiag check {directory} checks them all"
+    return ""
+
+
 def find_index(directory: Path) -> Path:
     """The Hugging Face style *.index.json of a sharded checkpoint folder."""
     indexes = sorted(directory.glob("*.index.json"))
     if not indexes:
-        raise UnreadableCheckpointError(
-            f"{directory}: a folder without a *.index.json (expected a sharded checkpoint, "
-            "e.g. model.safetensors.index.json)"
-        )
+        raise UnreadableCheckpointError(f"{directory}: a folder, not a sharded checkpoint (no *.index.json){_hint(directory)}")
     if len(indexes) > 1:
         preferred = [p for p in indexes if "safetensors" in p.name]
         if len(preferred) == 1:

@@ -34,7 +34,7 @@ def _files(files: list[Mapping[str, Any]], console: Console) -> None:
     width = min(max((len(f["path"]) for f in files), default=0), 60)
     for f in files:
         label, style = _STATUS_STYLE[f["status"]]
-        detail = f["error"] or (f.get("inspection") or {}).get("text", "")
+        detail = (f["error"] or (f.get("inspection") or {}).get("text", "") or "").removeprefix(f"{f['path']}: ")
         _line(console, f"[{style}]{label:5}[/] {escape(f['path'].ljust(width))}  {escape(detail or '')}")
         if f.get("data"):
             _line(console, f"      [dim]{escape(data_line(f['data']))}[/]")

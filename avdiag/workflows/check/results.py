@@ -110,6 +110,10 @@ class CheckResult:
     def summary_line(self) -> str:
         c = self.counts()
         verdict = {0: "pass", 1: "FAIL (policy violations)", 2: "ERROR"}[self.exit_code]
+        if not c["n_checkpoints"]:
+            found = (f"{c['n_unmatched']} path(s) matched no checkpoint" if c["n_unmatched"]
+                     else "every checkpoint was excluded by the policy")
+            return f"check {verdict}: nothing was analysed; {found} (exit {self.exit_code})"
         parts = [f"{c['n_checkpoints']} checkpoint(s): {c['n_pass']} passed, {c['n_fail']} failed, "
                  f"{c['n_error']} error(s)"]
         sev = ", ".join(f"{n} {s}" for s, n in c["by_severity"].items() if n)
