@@ -52,9 +52,9 @@ def test_fold_init_known_numbers():
     # inputs untouched, dtype kept
     assert gamma[0] == 0.0 and beta[1] == 1.0
     assert fold_init(gamma.half(), beta.half(), 0.5)[0].dtype == torch.float16
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"^channel index out of range for 4 channels$"):
         fold_init(gamma, beta, 0.5, channels=[4])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^alpha must be a scalar or have shape \(4,\), got \(3,\)$"):
         fold_init(gamma, beta, torch.ones(3))
 
 
@@ -309,7 +309,7 @@ def test_merge_reports_unreached_layers_and_rejects_forward_without_loader():
     _, report = merge(encoder, loader=loader, forward=lambda _m, b: net(b))
     assert report.stats == "mixed" and report.layers["bn1"] == "data"
     assert len(report.unreached) == 19 and "bn1" not in report.unreached
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^forward is given without a loader$"):
         merge(convert(_pretrained()), forward=lambda m, b: m(b))
 
 
@@ -342,7 +342,7 @@ def test_both_branches_follow_the_module_mode():
     assert int(abri.abri_new.num_batches_tracked) == 0 and int(abri.num_batches_tracked) == 0
     expected = 0.5 * x / (1 + 1e-5) ** 0.5 + 0.5 * (x - 2.0) / (1 + 1e-5) ** 0.5
     assert torch.allclose(y, expected, atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a BatchNorm2d with affine=False has none"):
         ABRiBatchNorm2d(4, affine=False)
     assert convert(nn.Sequential(nn.BatchNorm2d(4, affine=False)))[0].__class__ is nn.BatchNorm2d
 

@@ -30,7 +30,6 @@ import avdiag.workflows.check as check_module  # noqa: E402
 from avdiag import findings  # noqa: E402
 from avdiag.workflows.check import RULE_IDS, CheckResult, Policy, check, expand_paths  # noqa: E402
 from avdiag.errors import UsageError  # noqa: E402
-from avdiag.models import OGMGEClassifier  # noqa: E402
 from avdiag.report.ci import (  # noqa: E402
     FINGERPRINT_KEY,
     github_annotations,
@@ -41,7 +40,8 @@ from avdiag.report.ci import (  # noqa: E402
     sarif_json,
 )
 from avdiag.report.terminal.check import render_check  # noqa: E402
-from layout_fixtures import realistic_bn  # noqa: E402
+from helpers.checkpoints import av_model  # noqa: E402
+from layout_fixtures import state_dict  # noqa: E402
 from malicious import ASYNC_PAYLOADS, MALICIOUS, NAMES_GLOBAL  # noqa: E402
 
 DEAD_GAMMA, DEAD_BETA = 0.05, -0.5
@@ -55,10 +55,7 @@ LFS_TEXT = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1491
 
 
 def _state(plan: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = OGMGEClassifier(6, width=8)
-    realistic_bn(model, seed=0)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = state_dict(av_model("ogm-ge", realistic=True)[0])
     for layer, channels in (plan or {}).items():
         sd[layer + ".weight"][channels] = DEAD_GAMMA
         sd[layer + ".bias"][channels] = DEAD_BETA
@@ -146,7 +143,7 @@ def test_bad_folder_dead_channels_and_nan(at):
     assert dead.status == "fail" and _rules(dead) == ["dead-channels"]
     v = dead.violations[0]
     assert (v.severity, v.location, v.location_kind) == ("error", "modality:audio", "modality")
-    assert "40/600" in v.message
+    assert v.message.startswith("audio: 40/600 BatchNorm channels dead (6.67%) > 5% allowed; "), v.message
     assert nan.status == "fail" and _rules(nan) == ["nonfinite-tensor"]
     assert nan.violations[0].location == NAN_TENSOR and nan.violations[0].location_kind == "tensor"
 
@@ -181,7 +178,7 @@ def test_empty_folder_and_glob_without_match(at):
     assert check(["empty"], Policy(on_nothing_analysed="violation")).exit_code == 1
     passed = check(["empty"], Policy(on_nothing_analysed="pass"))
     assert passed.exit_code == 0 and passed.files[0].violations[0].severity == "info"
-    assert "matched no checkpoint" in passed.summary_line()
+    assert passed.summary_line().endswith("; 1 path(s) matched no checkpoint (exit 0)"), passed.summary_line()
 
 
 def test_everything_excluded_analyses_nothing(at, tmp_path):
@@ -337,7 +334,9 @@ def test_suppressions_per_path(at, tmp_path):
     assert files["bad/dead.pt"].status == "pass" and files["bad/nan.pt"].status == "fail"
     (v,) = files["bad/dead.pt"].violations  # kept in the report, not failing
     assert v.suppressed == "known: audio encoder from ImageNet" and v.outcome == "report"
-    assert result.exit_code == 1 and "1 suppressed" in result.summary_line()
+    assert result.exit_code == 1
+    assert result.summary_line() == ("check FAIL (policy violations): 2 checkpoint(s): 1 passed, 1 failed, 0 error(s); "
+                                     "1 violation(s) (1 error); 1 suppressed (exit 1)")
     assert not any("bad/dead.pt" in line for line in github_annotations(result))
     suppressed = [r for r in sarif(result)["runs"][0]["results"] if r.get("suppressions")]
     assert [r["ruleId"] for r in suppressed] == ["dead-channels"]
@@ -361,7 +360,7 @@ def test_data_rules_configured_without_data_are_reported_not_evaluated(at, tmp_p
     (f,) = result.files
     assert [n["rule_id"] for n in f.not_evaluated] == ["modality-contribution", "modality-conflict"]
     assert "needs data" in f.not_evaluated[0]["reason"]
-    assert "2 rule check(s) not evaluated" in result.summary_line()
+    assert result.summary_line().endswith("; 0 violation(s); 2 rule check(s) not evaluated (exit 0)")
     suite = ET.fromstring(junit_xml(result)).find("testsuite")
     skipped = {c.get("name") for c in suite.iter("testcase") if c.find("skipped") is not None}
     assert skipped == {"modality-contribution", "modality-conflict"}
@@ -385,7 +384,8 @@ def test_baseline_growth_fails_no_growth_passes(at, tmp_path):
     assert grown.exit_code == 1
     (v,) = grown.files[0].violations
     assert (v.rule_id, v.location) == ("dead-channels-growth", "modality:audio")
-    assert "0 -> 2" in v.message and "audio_net.layer1.0.bn1 (+2)" in v.message
+    assert v.message.startswith("audio: dead BatchNorm channels 0 -> 2 (+2; "), v.message
+    assert v.message.endswith("; new dead channels in audio_net.layer1.0.bn1 (+2)"), v.message
     assert grown.files[0].baseline["modalities"]["audio"]["growth"] == 2
     assert check(["good/clean.pt"], baseline="good/clean.pt").exit_code == 0
     assert check(["good/clean.pt"], baseline="grown/clean.pt").exit_code == 0  # fewer dead: fine

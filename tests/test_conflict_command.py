@@ -14,36 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from avdiag.cli import main
-from avdiag.models import MMParetoClassifier, OGMGEClassifier
 from data_fixtures import write_vggsound
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _checkpoint(tmp_path: Path, n_classes: int) -> Path:
-    torch.manual_seed(0)
-    model = MMParetoClassifier(n_classes, width=8)
-    path = tmp_path / "mmpareto.pt"
-    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, path)
-    return path
-
-
-def _run(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_conflict_on_a_vggsound_layout_reports_the_documented_fields(tmp_path, capsys):
+def test_conflict_on_a_vggsound_layout_reports_the_documented_fields(tmp_path, cli, av_checkpoint):
     root = write_vggsound(tmp_path / "vggsound")
-    ckpt = _checkpoint(tmp_path, n_classes=3)
+    ckpt = av_checkpoint("mmpareto.pt", "mmpareto", n_classes=3).path
     samples, plots = tmp_path / "samples.csv", tmp_path / "plots"
-    code, out, err = _run(["conflict", str(ckpt), "--data", f"vggsound:{root}", "--batch-size", "2",
-                           "--image-size", "32", "--heldout-split", "none", "--samples", str(samples),
-                           "--plots", str(plots), "--json", "-"], capsys)
-    assert code == 0, err
-    d = json.loads(out)
+    d = cli("conflict", ckpt, "--data", f"vggsound:{root}", "--batch-size", "2", "--image-size", "32",
+            "--heldout-split", "none", "--samples", samples, "--plots", plots, "--json", "-").json()
     assert d["schema_version"] == "1.1" and d["tool"]["command"] == "conflict"
     for m in ("audio", "visual"):
         entry = d["modalities"][m]
@@ -62,32 +43,29 @@ def test_conflict_on_a_vggsound_layout_reports_the_documented_fields(tmp_path, c
         Image.open(plots / png).verify()
 
 
-def test_one_batch_cos_mean_is_that_batch(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path, n_classes=4)
-    code, out, _ = _run(["conflict", str(ckpt), "--data", "synthetic:n=6,classes=4", "--batch-size", "6",
-                         "--heldout-split", "none", "--json", "-"], capsys)
-    d = json.loads(out)
+def test_one_batch_cos_mean_is_that_batch(cli, av_checkpoint):
+    ckpt = av_checkpoint("mmpareto.pt", "mmpareto", n_classes=4).path
+    d = cli("conflict", ckpt, "--data", "synthetic:n=6,classes=4", "--batch-size", "6", "--heldout-split", "none",
+            "--json", "-").json()
     for m in ("audio", "visual"):
         c = d["modalities"][m]["conflict"]
-        assert c["cos_per_batch"] == [c["cos_mean"]]
+        assert c["batches"] == 1 and c["cos_per_batch"] == [c["cos_mean"]]
 
 
-def test_errors_are_one_line(tmp_path, capsys):
-    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(),
-               tmp_path / "plain.pt")
-    for args in (["conflict", str(tmp_path / "plain.pt"), "--data", "synthetic:n=4"],
-                 ["conflict", str(_checkpoint(tmp_path, 4))]):
-        code, out, err = _run(args, capsys)
-        assert code == 2 and err.count("\n") == 1 and err.startswith("avdiag: error:") and "Traceback" not in err
+def test_errors_are_one_line(tmp_path, cli, av_checkpoint):
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(), plain)
+    message = cli("conflict", plain, "--data", "synthetic:n=4").error()
+    assert message == f"{plain}: layout 'single' matches no built-in architecture; pass --model package.module:factory"
+    ckpt = av_checkpoint("mmpareto.pt", "mmpareto", n_classes=4).path
+    assert cli("conflict", ckpt).error() == "avdiag conflict needs --data"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not installed next to this Python")
-def test_torchrun_two_processes_equal_one(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "ogm.pt"
-    torch.save({"model": {"module." + k: v for k, v in OGMGEClassifier(4, "concat", width=8).state_dict().items()}},
-               path)
+def test_torchrun_two_processes_equal_one(tmp_path, av_checkpoint):
+    path = av_checkpoint("ogm.pt", "ogm-ge", n_classes=4).path
     args = ["conflict", str(path), "--data", "synthetic:n=24,classes=4", "--batch-size", "4", "--device", "cpu",
             "-q", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -108,7 +86,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert a["ogm"]["rho"]["visual"] == pytest.approx(b["ogm"]["rho"]["visual"], abs=1e-6)
 
 
-def test_conflict_report_section_has_its_charts(tmp_path, capsys):
+def test_conflict_report_section_has_its_charts(cli, av_checkpoint):
     import base64
     import io
     import re
@@ -116,10 +94,10 @@ def test_conflict_report_section_has_its_charts(tmp_path, capsys):
     from avdiag.report.document import build_document
     from avdiag.report.html import render_html
 
-    ckpt = _checkpoint(tmp_path, n_classes=4)
-    code, out, _ = _run(["conflict", str(ckpt), "--data", "synthetic:n=8,classes=4", "--batch-size", "4",
-                         "--heldout-split", "none", "--json", "-"], capsys)
-    page = render_html(build_document([json.loads(out)]))
+    ckpt = av_checkpoint("mmpareto.pt", "mmpareto", n_classes=4).path
+    doc = cli("conflict", ckpt, "--data", "synthetic:n=8,classes=4", "--batch-size", "4", "--heldout-split", "none",
+              "--json", "-").json()
+    page = render_html(build_document([doc]))
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert "Gradient conflict per layer" in page and "Contribution per modality" in page and len(images) == 2
     for data in images:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -21,9 +22,9 @@ from avdiag.errors import UsageError
 from avdiag import diff
 from avdiag.measure import compare as diff_module
 from avdiag.measure.compare import compare_values
-from avdiag.models import OGMGEClassifier
 from avdiag.report.terminal.diff import render_diff
-from layout_fixtures import realistic_bn
+from helpers.checkpoints import av_model
+from layout_fixtures import state_dict
 
 DEAD_GAMMA, DEAD_BETA = 0.05, -0.5
 
@@ -55,10 +56,7 @@ def _set_channels(sd: dict[str, torch.Tensor], plan: dict[str, list[int]], gamma
 
 
 def _state_a() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = OGMGEClassifier(6, width=8)
-    realistic_bn(model, seed=0)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = state_dict(av_model("ogm-ge", realistic=True)[0])
     _set_channels(sd, A_DEAD, DEAD_GAMMA, DEAD_BETA)
     sd["visual_net.layer4.0.conv1.weight"][NAN_AT] = float("nan")
     return sd
@@ -293,11 +291,11 @@ def test_atol(tmp_path):
     assert [c.name for c in exact.changed] == ["w"] and exact.changed[0].n_changed_elements == 50
     loose = diff(tmp_path / "a.pt", tmp_path / "b.pt", atol=1e-6)
     assert loose.changed == [] and loose.n_unchanged == 1
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"^--atol must be >= 0, got -1\.0$"):
         diff(tmp_path / "a.pt", tmp_path / "b.pt", atol=-1)
 
 
-def test_nonfinite_results_are_json_strings(tmp_path):
+def test_nonfinite_results_are_json_null(tmp_path):
     torch.save({"zero": torch.zeros(4), "nan": torch.ones(4)}, tmp_path / "a.pt")
     torch.save({"zero": torch.tensor([0.0, 2.0, 0.0, 0.0]), "nan": torch.tensor([1.0, float("nan"), 1.0, 1.0])},
                tmp_path / "b.pt")
@@ -380,12 +378,25 @@ def _render(result, **kw) -> str:
     return console.export_text()
 
 
+def _cells(text: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first``."""
+    row = next((line for line in text.splitlines() if re.match(rf"\W*{re.escape(first)}\s", line)), None)
+    assert row is not None, f"no row {first!r} in:\n{text}"
+    return [cell.strip() for cell in re.split(r"[│┃]", row) if cell.strip()]
+
+
 def test_render(result):
     text = _render(result)
-    for needle in ("per modality", "audio_net.layer1.0.bn1", "visual_net.layer3.0.bn1", "3 [4, 20, 31]",
-                   "2 [3, 7]", "changed tensors", "fusion_module.fc_out.weight", "(6, 128) -> (7, 128)",
-                   "added (1): fusion_module.extra_scale", "removed (1): visual_net.bn1.num_batches_tracked"):
-        assert needle in text, needle
+    lines = text.splitlines()
+    for heading in ("per modality", "BatchNorm layers that changed", "changed tensors"):
+        assert any(line.strip() == heading for line in lines), heading
+    assert _cells(text, "audio")[2:5] == ["4 -> 3", "1", "2"]  # dead A -> B, died, revived
+    assert _cells(text, "visual")[2:5] == ["2 -> 5", "3", "-"]
+    assert _cells(text, "audio_net.layer1.0.bn1")[-2:] == ["1 [1]", "2 [3, 7]"]  # died, revived
+    assert _cells(text, "visual_net.layer3.0.bn1")[-2:] == ["3 [4, 20, 31]", "-"]
+    assert _cells(text, "fusion_module.fc_out.weight")[1:3] == ["shape", "(6, 128) -> (7, 128)"]
+    assert "added (1): fusion_module.extra_scale" in lines
+    assert "removed (1): visual_net.bn1.num_batches_tracked" in lines
     assert "visual_net.layer2.1.bn1" not in text  # unchanged layers are not listed
     assert text.rstrip().endswith(result.summary_line())
     top = _render(result, top=3)

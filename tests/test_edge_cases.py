@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from avdiag import LoadOptions, inspect
-from avdiag.cli import main
+
+DIFF_COUNTS = re.compile(r"^(\d+) changed, (\d+) added, (\d+) removed, (\d+) unchanged tensors; ")
 
 
 def _dead_sequential() -> dict[str, torch.Tensor]:
@@ -24,38 +27,42 @@ def test_a_tensor_next_to_the_nested_state_dict_does_not_hide_it(tmp_path):
     assert [v.dead for v in result.layers] == [[0, 1]]
 
 
-def test_json_never_overwrites_the_input(tmp_path, capsys):
+def test_json_never_overwrites_the_input(tmp_path, cli):
     path = tmp_path / "ckpt.pt"
     torch.save(_dead_sequential(), path)
     before = path.read_bytes()
-    assert main(["inspect", str(path), "--json", str(path)]) == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert cli("inspect", path, "--json", path).error() == f"--json {path}: refusing to overwrite an input"
     assert path.read_bytes() == before
 
 
-def test_non_finite_thresholds_are_usage_errors(tmp_path, capsys):
+def test_non_finite_thresholds_are_usage_errors(tmp_path, cli):
     path = tmp_path / "ckpt.pt"
     torch.save(_dead_sequential(), path)
-    for option, value in (("--dead-z", "-inf"), ("--abnormal-threshold", "nan")):
-        assert main(["inspect", str(path), "--json", "-", option, value]) == 2
-        out, err = capsys.readouterr()
-        assert out == "" and err.count("\n") == 1 and "finite" in err
+    for option, name, value in (("--dead-z", "dead_z", "-inf"), ("--abnormal-threshold", "abnormal", "nan")):
+        message = cli("inspect", path, "--json", "-", option, value).error()  # stdout empty: no JSON
+        assert message == f"threshold {name} must be a finite number, got {value}"
 
 
-def test_names_with_markup_brackets_render(tmp_path, capsys):
+def test_names_with_markup_brackets_render(tmp_path, cli):
     sd = {f"enc[/].bn.{k}": v for k, v in _dead_sequential().items() if k.startswith("1.")}
     path = tmp_path / "markup.pt"
     torch.save(sd, path)
-    assert main(["inspect", str(path)]) == 0
-    assert "enc[/].bn" in capsys.readouterr().out
+    out = cli("inspect", path).ok().out
+    assert re.search(r"(?m)^\W*enc\[/\]\.bn\.1\s", out), out  # the layer's row: "[/]" not taken as rich markup
 
 
-def test_diff_atol(tmp_path, capsys):
+def _diff_counts(cli, a, b, *options: str) -> tuple[int, ...]:
+    line = cli("diff", a, b, "-q", *options).ok().out
+    found = DIFF_COUNTS.match(line)
+    assert found, line
+    return tuple(int(n) for n in found.groups())
+
+
+def test_diff_atol(tmp_path, cli):
     sd = _dead_sequential()
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save(sd, a)
     torch.save({k: v + 1e-7 if v.is_floating_point() else v for k, v in sd.items()}, b)
-    assert main(["diff", str(a), str(b), "-q"]) == 0
-    assert "0 changed" not in capsys.readouterr().out
-    assert main(["diff", str(a), str(b), "-q", "--atol", "1e-6"]) == 0
-    assert "0 changed" in capsys.readouterr().out
+    # (changed, added, removed, unchanged): the 6 float tensors moved by 1e-7, num_batches_tracked did not
+    assert _diff_counts(cli, a, b) == (6, 0, 0, 1)
+    assert _diff_counts(cli, a, b, "--atol", "1e-6") == (0, 0, 0, 7)

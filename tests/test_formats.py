@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -19,18 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import avdiag
-from avdiag.cli import main
-from avdiag.models import OGMGEClassifier
-from layout_fixtures import (
-    N_CLASSES,
-    WIDTH,
-    channels_by_layer,
-    planted_av,
-    planted_encoder,
-    sha256_file,
-    state_dict,
-    strict_json,
-)
+from helpers.checkpoints import write_av_checkpoint
+from layout_fixtures import channels_by_layer, planted_encoder, sha256_file, state_dict, strict_json
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +145,7 @@ def test_sharded_checkpoints(kind, target, encoder, sd, tmp_path):
     assert ck["format"] == "sharded"
     assert ck["n_tensors"] == len(sd)
     assert len(ck["unwrapped"]) == 1 and index.name in ck["unwrapped"][0]["value"]
-    assert "3 shards" in ck["unwrapped"][0]["value"]
+    assert re.search(r"\b3 shards\b", ck["unwrapped"][0]["value"]), ck["unwrapped"]
     assert ck["size_bytes"] == sum(p.stat().st_size for p in before)
     assert {p: sha256_file(p) for p in before} == before
     _assert_planted(report, encoder[1])
@@ -300,12 +291,11 @@ def test_nesting_is_unwrapped(case, encoder, sd, tmp_path):
     assert sorted(avdiag.load_checkpoint(path).tensors.names()) == sorted(prefix + k for k in sd)
 
 
-def test_numpy_scalar_next_to_the_weights_loads_by_default(encoder, sd, tmp_path, capsys):
+def test_numpy_scalar_next_to_the_weights_loads_by_default(encoder, sd, tmp_path, cli):
     """Research scripts save numpy accuracies next to the weights; the safe loader admits them."""
     path = _save({"model": sd, "acc": np.float64(0.61), "best_acc": np.float32(0.7), "epoch": 3,
                   "optimizer": _optimizer_state()}, tmp_path / "best.pth")
-    assert main(["inspect", str(path), "--json", "-"]) == 0
-    report = strict_json(capsys.readouterr().out)
+    report = cli("inspect", path, "--json", "-").json()
     assert sorted(report["checkpoint"]["extras"]) == ["acc", "best_acc", "epoch", "optimizer"]
     _assert_planted(report, encoder[1])
 
@@ -313,14 +303,13 @@ def test_numpy_scalar_next_to_the_weights_loads_by_default(encoder, sd, tmp_path
 # --- NaN / Inf, nothing to scan --------------------------------------------------------------
 
 
-def test_nonfinite_tensors_are_named_and_their_channels_not_called_dead(encoder, sd, tmp_path, capsys):
+def test_nonfinite_tensors_are_named_and_their_channels_not_called_dead(encoder, sd, tmp_path, cli):
     bad = {k: v.clone() for k, v in sd.items()}
     bad["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     bad["layer1.0.bn1.running_var"][3] = float("inf")  # channel 3 of layer1.0.bn1 is a planted dead one
     path = _save(bad, tmp_path / "nan.pt")
 
-    assert main(["inspect", str(path), "--json", "-", "--per-channel"]) == 0
-    report = strict_json(capsys.readouterr().out)  # no NaN / Infinity literals, even per channel
+    report = cli("inspect", path, "--json", "-", "--per-channel").json()  # strict: no NaN / Infinity, even per channel
 
     nonfinite = [f for f in report["findings"] if f["id"] == "nonfinite-tensor"]
     assert sorted(f["location"] for f in nonfinite) == ["layer1.0.bn1.running_var", "layer1.0.conv1.weight"]
@@ -334,21 +323,16 @@ def test_nonfinite_tensors_are_named_and_their_channels_not_called_dead(encoder,
     assert layer["per_channel"]["running_var"][3] is None  # JSON null (schema 1.1)
 
 
-def test_checkpoint_without_batchnorm_is_analysed_with_a_finding(tmp_path, capsys):
+def test_checkpoint_without_batchnorm_is_analysed_with_a_finding(tmp_path, cli):
     path = _save({"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}, tmp_path / "mlp.pt")
-    assert main(["inspect", str(path), "--json", "-"]) == 0
-    report = strict_json(capsys.readouterr().out)
+    report = cli("inspect", path, "--json", "-").json()
     assert report["layers"] == []
     assert [f["id"] for f in report["findings"]] == ["no-batchnorm"]
 
 
-def test_checkpoint_without_tensors_is_an_error_of_one_line(tmp_path, capsys):
+def test_checkpoint_without_tensors_is_an_error_of_one_line(tmp_path, cli):
     path = _save({"epoch": 3}, tmp_path / "empty.pt")
-    assert main(["inspect", str(path)]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert len(err.splitlines()) == 1 and err.startswith("avdiag: error:") and "no tensors" in err
-    assert "Traceback" not in err
+    assert cli("inspect", path).error() == f"{path}: holds no tensors (nothing to analyse)"
 
 
 # --- CLI outputs ---------------------------------------------------------------------------
@@ -357,42 +341,36 @@ def test_checkpoint_without_tensors_is_an_error_of_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def av_ckpt(tmp_path_factory):
     """An OGM-GE checkpoint saved as its training script saves it, with its Planted record."""
-    torch.manual_seed(0)
-    model = OGMGEClassifier(N_CLASSES, fusion="concat", width=WIDTH)
-    planted = planted_av(model, "audio_net", "visual_net")
     path = tmp_path_factory.mktemp("av") / "ogm_ge.pt"
-    _save({"saved_epoch": 30, "fusion": "concat", "acc": 0.61,
-           "model": state_dict(model, "module."), "optimizer": _optimizer_state()}, path)
-    return path, planted
+    written = write_av_checkpoint(path, "ogm-ge", planted=True, extra={
+        "saved_epoch": 30, "fusion": "concat", "acc": 0.61, "optimizer": _optimizer_state()})
+    return path, written.planted
 
 
-def test_json_to_a_file_is_the_library_report(av_ckpt, tmp_path, capsys):
+def test_json_to_a_file_is_the_library_report(av_ckpt, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough that rich keeps the summary on one line
     path, planted = av_ckpt
     out_file = tmp_path / "report.json"
-    assert main(["inspect", str(path), "--json", str(out_file)]) == 0
-    stdout = capsys.readouterr().out
+    stdout = cli("inspect", path, "--json", out_file).ok().out
     report = strict_json(out_file.read_text())
     assert report == json.loads(json.dumps(_report(path)))
     assert channels_by_layer(report) == planted.dead
     assert report["checkpoint"]["sha256"] == sha256_file(path)
-    assert "dead of" in stdout  # the terminal report still goes to stdout
+    assert report["summary"]["text"] in stdout  # the terminal report still goes to stdout
 
 
-def test_json_to_stdout_prints_only_json(av_ckpt, capsys):
+def test_json_to_stdout_prints_only_json(av_ckpt, cli):
     path, planted = av_ckpt
-    assert main(["inspect", str(path), "--json", "-"]) == 0
-    out = capsys.readouterr().out
-    report = strict_json(out)  # raises on anything but one JSON document
+    report = cli("inspect", path, "--json", "-").json()  # raises on anything but one JSON document
     assert report["schema_version"] == "1.1"
     assert report["layout"]["name"] == "ogm-ge"
     assert {m: s["n_dead"] for m, s in report["modalities"].items()} == planted.dead_by_modality
     assert all("per_channel" not in layer for layer in report["layers"])
 
 
-def test_per_channel_arrays_have_one_value_per_channel(av_ckpt, capsys):
+def test_per_channel_arrays_have_one_value_per_channel(av_ckpt, cli):
     path, planted = av_ckpt
-    assert main(["inspect", str(path), "--json", "-", "--per-channel"]) == 0
-    report = strict_json(capsys.readouterr().out)
+    report = cli("inspect", path, "--json", "-", "--per-channel").json()
     for layer in report["layers"]:
         arrays = layer["per_channel"]
         assert {"gamma", "beta", "running_mean", "running_var", "z"} <= set(arrays)
@@ -402,28 +380,24 @@ def test_per_channel_arrays_have_one_value_per_channel(av_ckpt, capsys):
     assert stem["per_channel"]["gamma"][1] == pytest.approx(0.05)
 
 
-def test_quiet_prints_one_line(av_ckpt, capsys, monkeypatch):
+def test_quiet_prints_one_line(av_ckpt, cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the terminal width rich lays out for, whatever runs the tests
     path, planted = av_ckpt
-    assert main(["inspect", str(path), "--quiet"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = cli("inspect", path, "--quiet").ok().out.strip().splitlines()
     assert lines == [avdiag.inspect(path).summary_line()]
     assert lines[0].startswith(f"{sum(planted.dead_by_modality.values())} dead of ")
 
 
-def test_modality_option_sets_a_user_layout(av_ckpt, capsys):
+def test_modality_option_sets_a_user_layout(av_ckpt, cli):
     path, planted = av_ckpt
-    assert main(["inspect", str(path), "--json", "-",
-                 "--modality", "audio=audio_net", "--modality", "visual=visual_net"]) == 0
-    report = strict_json(capsys.readouterr().out)
+    report = cli("inspect", path, "--json", "-", "--modality", "audio=audio_net", "--modality",
+                 "visual=visual_net").json()
     assert report["layout"]["source"] == "user"
     assert report["layout"]["modalities"] == {"audio": "audio_net.", "visual": "visual_net."}
     assert {m: s["n_dead"] for m, s in report["modalities"].items()} == planted.dead_by_modality
 
 
-def test_modality_prefix_matching_nothing_is_a_usage_error(av_ckpt, capsys):
+def test_modality_prefix_matching_nothing_is_a_usage_error(av_ckpt, cli):
     path, _ = av_ckpt
-    assert main(["inspect", str(path), "--modality", "audio=sound_net"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert len(err.splitlines()) == 1 and "sound_net" in err
+    message = cli("inspect", path, "--modality", "audio=sound_net").error()
+    assert message == "--modality audio=sound_net: no tensor name starts with 'sound_net.'"

@@ -2,26 +2,23 @@
 
 Small valid checkpoints (torch zip, legacy torch, safetensors) are built once
 per module; hypothesis mutates their bytes and every mutant goes through
-``main(["inspect", PATH, "--json", "-"])`` in-process.  Whatever the bytes,
-the outcome is one of:
+``avdiag inspect PATH --json -`` in-process (``helpers.cli.run_cli``, which
+captures the output itself: pytest's function-scoped ``capsys`` does not mix
+with hypothesis).  Whatever the bytes, the outcome is one of:
 
 * exit 0 and stdout is exactly one JSON document with ``schema_version``;
-* exit 2, exactly one stderr line starting ``avdiag: error:``, no traceback,
-  nothing on stdout.
+* exit 2, exactly one stderr line ``avdiag: error: PATH: ...`` (not an
+  internal error), no traceback, nothing on stdout.
 
 No exception may escape ``main`` and the input file is never modified.
-Output is captured with ``contextlib.redirect_*`` (pytest's function-scoped
-``capsys`` does not mix with hypothesis).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 from torch import nn
 
-PREFIX = "avdiag: error:"
+from helpers.cli import CliRun, run_cli
 
 FUZZ = settings(
     deadline=None,
@@ -98,52 +95,28 @@ BASES = ["zip", "legacy", "safetensors"]
 # --------------------------------------------------------------------------
 
 
-def python_default_warning_filters() -> None:
-    """The filters a plain ``python -m avdiag`` run starts with."""
-    warnings.resetwarnings()
-    warnings.simplefilter("default")
-    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
 def inspect_bytes(seeds: Seeds, data: bytes, suffix: str) -> int:
-    from avdiag.cli import main
-
     path = seeds.path_for(suffix)
     path.write_bytes(data)
-    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            with warnings.catch_warnings(record=True) as caught:
-                python_default_warning_filters()
-                try:
-                    code = main(["inspect", str(path), "--json", "-"])
-                except SystemExit as exc:
-                    raise AssertionError(f"main() raised SystemExit({exc.code!r}) instead of returning") from None
-            # a real run prints these on stderr; pytest would swallow them
-            for w in caught:
-                err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
-        check_outcome(code, out.getvalue(), err.getvalue())
+        run = run_cli("inspect", path, "--json", "-")
+        check_outcome(run, path)
         if currently_in_test_context():
-            event(f"exit {code}")  # shown by --hypothesis-show-statistics
+            event(f"exit {run.code}")  # shown by --hypothesis-show-statistics
         assert path.read_bytes() == data, "inspect modified its input"
-        return code
+        return run.code
     finally:
         path.unlink(missing_ok=True)
 
 
-def check_outcome(code: object, stdout: str, stderr: str) -> None:
-    assert code in (0, 2), f"exit code {code!r}; stderr={stderr!r}"
-    assert "Traceback" not in stderr, stderr
-    if code == 2:
-        lines = stderr.splitlines()
-        assert len(lines) == 1, f"expected exactly one stderr line, got {lines!r}"
-        assert lines[0].startswith(PREFIX), lines[0]
-        assert lines[0][len(PREFIX) :].strip(), lines[0]
-        assert stdout == "", f"stdout not empty on failure: {stdout[:200]!r}"
+def check_outcome(run: CliRun, path: Path) -> None:
+    assert run.code in (0, 2), str(run)
+    if run.code == 2:
+        message = run.error()  # one line, not an internal error, nothing on stdout
+        assert message.startswith(f"{path}"), f"the error does not name the file: {message!r}"
     else:
-        doc = json.loads(stdout)  # exactly one JSON document, nothing else
-        assert isinstance(doc, dict) and "schema_version" in doc, stdout[:200]
+        doc = run.json()  # exactly one strict JSON document, nothing else
+        assert isinstance(doc, dict) and doc["schema_version"] == "1.1", run.out[:200]
 
 
 def test_seeds_are_analysed(seeds: Seeds) -> None:
@@ -157,6 +130,7 @@ def test_seeds_are_analysed(seeds: Seeds) -> None:
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=100)
 @given(
     base=st.sampled_from(BASES),
@@ -170,6 +144,7 @@ def test_flipped_bytes(seeds: Seeds, base: str, flips: list[tuple[int, int]]) ->
     inspect_bytes(seeds, bytes(mutated), suffix)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=60)
 @given(base=st.sampled_from(BASES), cut=st.integers(min_value=0))
 def test_truncated(seeds: Seeds, base: str, cut: int) -> None:
@@ -177,6 +152,7 @@ def test_truncated(seeds: Seeds, base: str, cut: int) -> None:
     inspect_bytes(seeds, data[: cut % len(data)], suffix)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=60)
 @given(
     base=st.sampled_from(BASES),
@@ -194,6 +170,7 @@ def test_inserted_junk(seeds: Seeds, base: str, offset: int, junk: bytes) -> Non
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=60)
 @given(
     claim=st.one_of(
@@ -248,6 +225,7 @@ def safetensors_headers(draw, seeds_header: dict, data_len: int) -> dict:
     return draw(st.dictionaries(st.text(min_size=0, max_size=10), entry, max_size=4))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=80)
 @given(data=st.data(), pad=st.booleans())
 def test_safetensors_header_content(seeds: Seeds, data: st.DataObject, pad: bool) -> None:
@@ -264,6 +242,7 @@ def test_safetensors_header_content(seeds: Seeds, data: st.DataObject, pad: bool
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=100)
 @given(
     record=st.integers(min_value=0),

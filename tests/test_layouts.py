@@ -24,6 +24,7 @@ from avdiag.models import (
     OGMGEClassifier,
     resnet18,
 )
+from helpers.checkpoints import save_av
 from layout_fixtures import (
     AUDIO_ABNORMAL,
     AUDIO_DEAD,
@@ -199,8 +200,7 @@ def unknown_av(tmp_path_factory):
     plant_encoder(model, "enc_a", AUDIO_DEAD, AUDIO_ABNORMAL)
     plant_encoder(model, "enc_b", VISUAL_DEAD, VISUAL_ABNORMAL)
     path = tmp_path_factory.mktemp("unknown") / "model.pt"
-    torch.save({"model": state_dict(model.eval(), "module.")}, path)
-    return path
+    return save_av(model.eval(), path)
 
 
 def test_unknown_layout_without_override_is_one_group(unknown_av):

@@ -120,9 +120,9 @@ def test_resnet_forward_and_pool():
     folded = torch.randn(6, 4, 2, 2)
     pooled = ResNetEncoder.pool(folded, frames=3)
     torch.testing.assert_close(pooled, folded.reshape(2, 3, 4, 2, 2).mean(dim=(1, 3, 4)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^expected a 4-D \(B, C, H, W\) input"):
         net(torch.randn(2, 1, 2, 32, 32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^depth must be one of \[18, 34\], got 50$"):
         ResNetEncoder(depth=50)
 
 
@@ -161,7 +161,7 @@ def test_ogm_ge_layout(fusion, head):
 
 
 def test_ogm_ge_rejects_unknown_fusion():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^fusion must be one of \['concat', 'film', 'gated', 'sum'\], got 'attention'$"):
         OGMGEClassifier(n_classes=N, fusion="attention", width=W)
 
 
@@ -282,7 +282,7 @@ def test_visual_clip_folding():
             [ResNetEncoder.pool(model.visual_net(visual[:, :, t])) for t in range(3)], dim=1
         )
     torch.testing.assert_close(v, per_frame.mean(dim=1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^expected a 5-D \(B, C, T, H, W\) clip, got shape \(2, 3, 32, 32\)$"):
         model(_audio(), torch.randn(2, 3, 32, 32))
 
 
@@ -477,9 +477,9 @@ def test_a_registered_family_is_detected_built_and_run(tmp_path):
     assert [f.name for f in registry.families()] == builtins
     located = locate(load_checkpoint(path))
     assert located.layout.name == "single"
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="layout 'single' matches no built-in architecture"):
         resolve_model(load_checkpoint(path), located.layout)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="^_ToyAV is not a built-in audio-visual classifier$"):
         av_parts(original)
 
 
@@ -487,10 +487,10 @@ def test_registry_refuses_a_second_family_of_the_same_name():
     class Again(Architecture):
         name = "ogm-ge"
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^architecture 'ogm-ge' is already registered$"):
         register(Again)
     assert type(registry.family("ogm-ge")).__name__ == "OGMGE"
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="^no registered architecture is named 'no-such-family'$"):
         registry.build(ArchSpec("no-such-family", N, W, 18))
 
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.io import wavfile
 
-from avdiag.cli import main
 from avdiag.data import DataOptions, save_tensor_file
 from avdiag import DataSource, LoadOptions, inspect
 from data_fixtures import write_corrupt_jpeg, write_cremad, write_ks, write_vggsound
@@ -207,6 +206,7 @@ def effnet_by_hand(effnet_weights, photo_folder):
     return _timed("efficientnet-lite0 by hand", lambda: _effnet_by_hand(sd, _photo_batches(photo_folder)))
 
 
+@pytest.mark.slow
 def test_effnet_hand_forward_is_the_model_classes_forward(effnet_weights, photo_folder, effnet_by_hand):
     """The hand-written forward reproduces the real class's features bit for bit, so the BN outputs
     it counts are the ones the real model computes."""
@@ -222,6 +222,7 @@ def test_effnet_hand_forward_is_the_model_classes_forward(effnet_weights, photo_
             assert torch.equal(model.extract_features(batch), features)
 
 
+@pytest.mark.slow
 def test_effnet_measured_dead_equals_the_hand_computed_set(effnet_probe, effnet_by_hand):
     result = effnet_probe
     stats, feeds_relu6, _ = effnet_by_hand
@@ -252,6 +253,7 @@ def test_effnet_measured_dead_equals_the_hand_computed_set(effnet_probe, effnet_
     assert agreement.true_positive + agreement.false_negative == n_dead
 
 
+@pytest.mark.slow
 def test_effnet_probe_json(effnet_probe):
     report = effnet_probe.to_dict()
     assert report["probe"]["samples"] == len(PHOTOS)
@@ -323,6 +325,7 @@ def _crepe_by_hand(sd: dict[str, torch.Tensor], frames: torch.Tensor, batch: int
     return stats, torch.cat(probs)
 
 
+@pytest.mark.slow
 def test_crepe_tiny_on_speech_has_no_dead_channels(crepe_weights, speech_frames, tmp_path):
     frames = speech_frames
     data = save_tensor_file(tmp_path / "frames.npz", labels=np.zeros(len(frames), dtype=np.int64),
@@ -415,22 +418,6 @@ def test_layout_probe_finds_channels_dead_for_any_input(case, data_layout, resea
 # ---- 4. errors through the CLI ---------------------------------------------------------------------
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _assert_one_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("avdiag: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def ogm_checkpoint(tmp_path_factory) -> Path:
     path, _, _ = write_layout_checkpoint(LAYOUTS[0], tmp_path_factory.mktemp("ogm"))
@@ -447,82 +434,73 @@ def _copy_cremad(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_error_unknown_layout_needs_model(capsys, tmp_path, cremad_root):
+def _probe(cli, ckpt: Path, root: Path, *options: str):
+    """``avdiag inspect CKPT --data cremad:ROOT`` at image size 32 on the CPU."""
+    return cli("inspect", ckpt, "--data", f"cremad:{root}", "--image-size", "32", "--device", "cpu", *options)
+
+
+def test_error_unknown_layout_needs_model(cli, tmp_path, cremad_root):
     ckpt = write_odd_mlp(tmp_path / "odd.pt")
-    code, out, err = _cli(capsys, "inspect", ckpt, "--data", f"cremad:{cremad_root}", "--image-size", "32",
-                          "--device", "cpu")
-    _assert_one_error(code, err, "odd.pt", "--model")
+    _probe(cli, ckpt, cremad_root).error(f"{ckpt}: layout 'single' matches no built-in architecture; "
+                                        "pass --model package.module:factory")
 
 
-def test_error_factory_raises(capsys, ogm_checkpoint, cremad_root):
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{cremad_root}", "--image-size", "32",
-                        "--model", "probe_fixtures:raising_factory", "--device", "cpu")
-    _assert_one_error(code, err, "raising_factory", "RuntimeError", "config.yaml not found")
+def test_error_factory_raises(cli, ogm_checkpoint, cremad_root):
+    _probe(cli, ogm_checkpoint, cremad_root, "--model", "probe_fixtures:raising_factory").error(
+        "raising_factory", "RuntimeError", "config.yaml not found")
 
 
-def test_error_factory_cannot_be_imported(capsys, ogm_checkpoint, cremad_root):
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{cremad_root}", "--image-size", "32",
-                        "--model", "no_such_module_xyz:factory", "--device", "cpu")
-    _assert_one_error(code, err, "no_such_module_xyz")
+def test_error_factory_cannot_be_imported(cli, ogm_checkpoint, cremad_root):
+    _probe(cli, ogm_checkpoint, cremad_root, "--model", "no_such_module_xyz:factory").error(
+        "--model no_such_module_xyz:factory: cannot import")
 
 
-def test_error_factory_with_mismatched_keys(capsys, ogm_checkpoint, cremad_root):
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{cremad_root}", "--image-size", "32",
-                        "--model", "probe_fixtures:mismatched_factory", "--device", "cpu")
-    line = _assert_one_error(code, err, "missing", "unexpected")
+def test_error_factory_with_mismatched_keys(cli, ogm_checkpoint, cremad_root):
+    line = _probe(cli, ogm_checkpoint, cremad_root, "--model", "probe_fixtures:mismatched_factory").error(
+        "missing", "unexpected")
     assert "stem.weight" in line or "stem_bn" in line  # a missing key, by name
     assert "audio_net." in line                          # an unexpected key, by name
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_error_missing_file_during_the_probe(capsys, tmp_path, ogm_checkpoint, cremad_root, workers):
+def test_error_missing_file_during_the_probe(cli, tmp_path, ogm_checkpoint, cremad_root, workers):
     root = _copy_cremad(cremad_root, tmp_path / "cremad")
     (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").unlink()  # the third train item: found missing mid-probe
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{root}", "--image-size", "32",
-                        "--batch-size", "1", "--num-workers", str(workers), "--device", "cpu")
-    _assert_one_error(code, err, "1088_IOM_NEU_XX.wav", "train.csv row 3")
+    _probe(cli, ogm_checkpoint, root, "--batch-size", "1", "--num-workers", str(workers)).error(
+        "1088_IOM_NEU_XX.wav", "train.csv row 3")
 
 
-def test_error_wav_with_wrong_sample_rate(capsys, tmp_path, ogm_checkpoint):
+def test_error_wav_with_wrong_sample_rate(cli, tmp_path, ogm_checkpoint):
     root = write_cremad(tmp_path / "cremad16k", rate=16000)
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{root}", "--image-size", "32",
-                        "--device", "cpu")
-    _assert_one_error(code, err, "16000 Hz", "22050 Hz")
+    _probe(cli, ogm_checkpoint, root).error("16000 Hz", "22050 Hz")
 
 
-def test_error_corrupt_jpeg(capsys, tmp_path, ogm_checkpoint, cremad_root):
+def test_error_corrupt_jpeg(cli, tmp_path, ogm_checkpoint, cremad_root):
     root = _copy_cremad(cremad_root, tmp_path / "cremad")
     write_corrupt_jpeg(root / "Image-01-FPS" / "1002_IEO_HAP_HI" / "00001.jpg")
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{root}", "--image-size", "32",
-                        "--device", "cpu")
-    _assert_one_error(code, err, "00001.jpg", "corrupt")
+    _probe(cli, ogm_checkpoint, root).error("corrupt or unreadable image", "00001.jpg", "train.csv row 2")
 
 
-def test_error_model_without_data(capsys, ogm_checkpoint):
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--model", "probe_fixtures:efficientnet_lite0")
-    _assert_one_error(code, err, "--model", "--data")
+def test_error_model_without_data(cli, ogm_checkpoint):
+    cli("inspect", ogm_checkpoint, "--model", "probe_fixtures:efficientnet_lite0").error("--model is used with --data")
 
 
-def test_error_cuda_without_cuda(capsys, ogm_checkpoint, cremad_root):
+def test_error_cuda_without_cuda(cli, ogm_checkpoint, cremad_root):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, _, err = _cli(capsys, "inspect", ogm_checkpoint, "--data", f"cremad:{cremad_root}", "--image-size", "32",
-                        "--device", "cuda")
-    _assert_one_error(code, err, "cuda")
+    _probe(cli, ogm_checkpoint, cremad_root, "--device", "cuda").error("--device cuda: no CUDA device")
 
 
 # ---- 5. the JSON report ----------------------------------------------------------------------------
 
 
-def _json_report(capsys, ckpt: Path, data: str, *extra: str) -> dict:
-    code, out, err = _cli(capsys, "inspect", ckpt, "--data", data, "--image-size", "32", "--device", "cpu",
-                          "--batch-size", "2", "--json", "-", *extra)
-    assert code == 0, err
-    return json.loads(out)
+def _json_report(cli, ckpt: Path, data: str, *extra: str) -> dict:
+    return cli("inspect", ckpt, "--data", data, "--image-size", "32", "--device", "cpu", "--batch-size", "2",
+               "--json", "-", *extra).json()
 
 
-def test_json_has_probe_and_per_layer_measurements(capsys, ogm_checkpoint, research_data):
-    report = _json_report(capsys, ogm_checkpoint, f"ks:{research_data['ks']}")
+def test_json_has_probe_and_per_layer_measurements(cli, ogm_checkpoint, research_data):
+    report = _json_report(cli, ogm_checkpoint, f"ks:{research_data['ks']}")
     assert report["probe"]["samples"] == 3
     assert report["probe"]["batches"] == 2
     assert report["probe"]["model"] == "registry:ogm-ge"
@@ -540,16 +518,16 @@ def test_json_has_probe_and_per_layer_measurements(capsys, ogm_checkpoint, resea
 
 
 @pytest.mark.parametrize("limit", [1, 2])
-def test_json_limit_probes_exactly_n_samples(capsys, ogm_checkpoint, research_data, limit):
-    report = _json_report(capsys, ogm_checkpoint, f"vggsound:{research_data['vggsound']}", "--limit", str(limit))
+def test_json_limit_probes_exactly_n_samples(cli, ogm_checkpoint, research_data, limit):
+    report = _json_report(cli, ogm_checkpoint, f"vggsound:{research_data['vggsound']}", "--limit", str(limit))
     assert report["probe"]["samples"] == limit
     assert report["probe"]["batches"] == 1
 
 
-def test_json_same_seed_same_fire_rates(capsys, ogm_checkpoint, research_data):
+def test_json_same_seed_same_fire_rates(cli, ogm_checkpoint, research_data):
     spec = f"cremad:{research_data['cremad']}"
-    first = _json_report(capsys, ogm_checkpoint, spec, "--limit", "2", "--seed", "7")
-    second = _json_report(capsys, ogm_checkpoint, spec, "--limit", "2", "--seed", "7")
+    first = _json_report(cli, ogm_checkpoint, spec, "--limit", "2", "--seed", "7")
+    second = _json_report(cli, ogm_checkpoint, spec, "--limit", "2", "--seed", "7")
     rates = lambda r: {layer["name"]: layer["fire_rate"] for layer in r["layers"]}  # noqa: E731
     assert rates(first) == rates(second)
     assert first["probe"]["samples"] == second["probe"]["samples"] == 2
@@ -654,15 +632,13 @@ def test_one_input_model_gets_the_modality_its_argument_names(tmp_path):
     assert result.measured["bn"].activity.positions > 0
 
 
-def test_visual_layout_feeds_time_first_clips(tmp_path, capsys):
+def test_visual_layout_feeds_time_first_clips(tmp_path, cli):
     from probe_fixtures import clips_time_first
 
     path = tmp_path / "btchw.pt"
     torch.save(clips_time_first().state_dict(), path)
-    base = ["inspect", str(path), "--data", "synthetic:n=4,classes=2", "--model", "probe_fixtures:clips_time_first",
-            "--device", "cpu", "-q"]
-    assert main(base + ["--visual-layout", "BTCHW"]) == 0
-    capsys.readouterr()
-    code = main(base)  # fed (B, 3, T, H, W): the model's own error, as one line
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "failed on a batch" in err and "Traceback" not in err
+    base = ["inspect", path, "--data", "synthetic:n=4,classes=2", "--model", "probe_fixtures:clips_time_first",
+            "--device", "cpu", "--json", "-"]
+    report = cli(*base, "--visual-layout", "BTCHW").json()
+    assert report["probe"]["samples"] == 4 and report["probe"]["missing_layers"] == []
+    cli(*base).error("failed on a batch", "(check --model / --visual-layout)")  # fed (B, 3, T, H, W)

@@ -33,7 +33,6 @@ from torch import nn
 
 import avdiag
 import avdiag.load.write as write_module
-from avdiag.cli import main
 from avdiag.data import open_dataset
 from avdiag.errors import UsageError, VerificationError
 from avdiag.models import MMParetoClassifier, OGMGEClassifier
@@ -48,7 +47,7 @@ from avdiag.workflows.reinit import (
     ResetOptions,
     reinit,
 )
-from layout_fixtures import N_CLASSES, WIDTH, planted_av, state_dict
+from layout_fixtures import N_CLASSES, WIDTH
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ogm_ge_planted.pt"
@@ -174,20 +173,6 @@ def _assert_clean(path: Path) -> None:
     assert all(not v.dead and not v.abnormal for v in result.layers)
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def _assert_one_line_error(rc: int, err: str) -> None:
-    assert rc == 2
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("avdiag: error: "), err
-    assert "Traceback" not in err and "internal error" not in err, err
-
-
 def _batches(split: str) -> list[dict[str, torch.Tensor]]:
     """The synthetic split in order, stacked by hand into batches of BATCH items."""
     dataset = open_dataset(SYNTHETIC, split=split)
@@ -282,12 +267,11 @@ def test_fold_keeps_nesting_and_records_provenance(fold):
     (["--scope", "layers", "--alpha", "0.25"], "layers", 0.25, "blend"),
     (["--scope", "all", "--modality", "audio"], "all-audio", 0.5, "blend"),
 ], ids=["stats-reset", "alpha-0.3", "scope-layers", "scope-all-audio"])
-def test_fold_options_on_the_command_line(tmp_path, capsys, args, scope, alpha, stats):
+def test_fold_options_on_the_command_line(tmp_path, cli, args, scope, alpha, stats):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "-q", *args)
-    assert rc == 0, err
+    cli("reinit", src, "--out", out, "-q", *args).ok()
     assert _fingerprint(src) == before
     sd = _strip(_load(src)["model"])
     if scope == "flagged":
@@ -306,23 +290,20 @@ def test_fold_options_on_the_command_line(tmp_path, capsys, args, scope, alpha, 
         _assert_clean(out)
 
 
-def test_drop_optimizer(tmp_path, capsys):
+def test_drop_optimizer(tmp_path, cli):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "--drop-optimizer", "-q")
-    assert rc == 0 and "optimizer" not in err
+    run = cli("reinit", src, "--out", out, "--drop-optimizer", "-q").ok()
+    assert run.err == ""  # no stale-optimizer warning once it is dropped
     before, after = _load(src), _load(out)
     assert list(after) == [k for k in before if k != "optimizer"] + ["avdiag_provenance"]
     _assert_same_tree(before["scheduler"], after["scheduler"])
     _assert_bits(_strip(after["model"]), _folded(_strip(before["model"]), _example_scope(), 0.5, "blend"))
 
 
-def test_fold_on_a_generated_mmpareto_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = MMParetoClassifier(N_CLASSES, width=WIDTH)
-    planted = planted_av(model, "audio_net", "visual_net")
-    src = tmp_path / "model.pth"
-    torch.save({"model": state_dict(model, "module.")}, src)
+def test_fold_on_a_generated_mmpareto_checkpoint(tmp_path, av_checkpoint):
+    written = av_checkpoint("model.pth", "mmpareto", planted=True)
+    src, planted = written.path, written.planted
     before = _fingerprint(src)
     out = tmp_path / "abri.pth"
     result = reinit(src, out)
@@ -520,12 +501,11 @@ def test_relearn_rewrites_exactly_the_encoder_weights(relearn):
     assert after["avdiag_provenance"]["method"] == "relearn"
 
 
-def test_relearn_given_alphas_with_generated_init(tmp_path, capsys):
+def test_relearn_given_alphas_with_generated_init(tmp_path, cli):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "--method", "relearn", "--alpha-audio", "0.25",
-                      "--alpha-visual", "0.6", "--init-seed", "7", "-q")
-    assert rc == 0, err
+    cli("reinit", src, "--out", out, "--method", "relearn", "--alpha-audio", "0.25", "--alpha-visual", "0.6",
+        "--init-seed", "7", "-q").ok()
     torch.manual_seed(7)
     init = _ogm().state_dict()
     targets = _relearn_targets(("audio_net.", "visual_net."))
@@ -533,20 +513,19 @@ def test_relearn_given_alphas_with_generated_init(tmp_path, capsys):
                  _soft_reinit(_strip(_load(src)["model"]), init, targets, {"audio": 0.25, "visual": 0.6}))
 
 
-def test_relearn_one_alpha_without_data_is_a_usage_error(tmp_path, capsys):
+def test_relearn_one_alpha_without_data_is_a_usage_error(tmp_path, cli):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "--method", "relearn", "--alpha-visual", "0.5")
-    _assert_one_line_error(rc, err)
+    message = cli("reinit", src, "--out", out, "--method", "relearn", "--alpha-visual", "0.5").error()
+    assert message == "--method relearn needs --data to diagnose audio (or --alpha-audio)"
     assert not out.exists()
 
 
-def test_relearn_restricted_modality_needs_only_its_alpha(tmp_path, capsys):
+def test_relearn_restricted_modality_needs_only_its_alpha(tmp_path, cli):
     src = _example_copy(tmp_path)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "--method", "relearn", "--alpha-visual", "0.5",
-                      "--modality", "visual", "-q")
-    assert rc == 0, err
+    cli("reinit", src, "--out", out, "--method", "relearn", "--alpha-visual", "0.5", "--modality", "visual",
+        "-q").ok()
     torch.manual_seed(0)
     init = _ogm().state_dict()
     _assert_bits(_strip(_load(out)["model"]), _soft_reinit(_strip(_load(src)["model"]), init,
@@ -651,33 +630,29 @@ def test_fold_with_data_stats(tmp_path):
     ["--method", "relearn", "--alpha-audio", "0.3", "--alpha-visual", "0.6"],
     ["--method", "recalibrate", "--data", SYNTHETIC, "--device", "cpu", "--batch-size", "16"],
 ], ids=["abri", "abri-module", "reset", "reset-tiny", "relearn", "recalibrate"])
-def test_the_input_is_never_modified(tmp_path, capsys, args):
+def test_the_input_is_never_modified(tmp_path, cli, args):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out, "-q", *args)
-    assert rc == 0, err
+    cli("reinit", src, "--out", out, "-q", *args).ok()
     assert _fingerprint(src) == before
     assert out.exists() and _sha(out) != before[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pth", "out.pth"]
 
 
-def test_out_equal_to_the_input_is_refused(tmp_path, capsys):
+def test_out_equal_to_the_input_is_refused(tmp_path, cli):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
-    rc, out, err = _cli(capsys, "reinit", src, "--out", src)
-    _assert_one_line_error(rc, err)
-    assert "--in-place" in err and out == ""
+    assert cli("reinit", src, "--out", src).error() == f"refusing to overwrite the input {src} (use --in-place)"
     assert _fingerprint(src) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
 
 
-def test_in_place(tmp_path, capsys):
+def test_in_place(tmp_path, cli):
     src = _example_copy(tmp_path)
     original = _sha(src)
     sd = _strip(_load(src)["model"])
-    rc, _, err = _cli(capsys, "reinit", src, "--in-place", "-q")
-    assert rc == 0, err
+    cli("reinit", src, "--in-place", "-q").ok()
     assert _sha(src) != original
     after = _load(src)
     assert after["avdiag_provenance"]["source_sha256"] == original
@@ -708,14 +683,12 @@ def test_a_failing_write_leaves_no_target(tmp_path, monkeypatch, in_place):
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]  # no target, no temporary
 
 
-def test_a_write_error_on_the_command_line(tmp_path, monkeypatch, capsys):
+def test_a_write_error_on_the_command_line(tmp_path, monkeypatch, cli):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
     monkeypatch.setattr(write_module, "_torch_writer", _failing_writer(OSError(28, "No space left on device")))
     out = tmp_path / "out.pth"
-    rc, _, err = _cli(capsys, "reinit", src, "--out", out)
-    _assert_one_line_error(rc, err)
-    assert "No space left on device" in err
+    cli("reinit", src, "--out", out).error("No space left on device")
     assert _fingerprint(src) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
 
@@ -729,7 +702,7 @@ def test_a_failed_verification_removes_the_new_target(tmp_path, monkeypatch):
     before = _fingerprint(src)
     monkeypatch.setattr(write_module, "_plain_tensor", _corrupting_plain_tensor)
     out = tmp_path / "out.pth"
-    with pytest.raises(VerificationError):
+    with pytest.raises(VerificationError, match=r"^the written file differs from the intended rewrite at \d+ "):
         reinit(src, out)
     assert _fingerprint(src) == before
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
@@ -745,7 +718,8 @@ def test_a_verification_that_crashes_leaves_no_unverified_target(tmp_path, monke
     src = _example_copy(tmp_path)
     monkeypatch.setattr(reinit_module, "_forward_check", crash)
     out = tmp_path / "out.pth"
-    with pytest.raises(Exception):
+    with pytest.raises(VerificationError, match=r"verifying the written file failed "
+                                                r"\(RuntimeError: the check itself failed\); nothing was written"):
         reinit(src, out)
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.pth"]
 
@@ -756,17 +730,15 @@ def test_a_failed_verification_in_place_keeps_the_input(tmp_path, monkeypatch):
     src = _example_copy(tmp_path)
     original = _sha(src)
     monkeypatch.setattr(write_module, "_plain_tensor", _corrupting_plain_tensor)
-    with pytest.raises(VerificationError):
+    with pytest.raises(VerificationError, match=r"^the written file differs from the intended rewrite at \d+ "):
         reinit(src, src, in_place=True)
     assert src.exists(), "the failed in-place rewrite deleted the input checkpoint"
     assert _sha(src) == original
 
 
-def test_diff_after_a_fold(fold, capsys):
+def test_diff_after_a_fold(fold, cli):
     src, out, result = fold
-    rc, stdout, err = _cli(capsys, "diff", src, out, "--json", "-")
-    assert rc == 0, err
-    report = json.loads(stdout)
+    report = cli("diff", src, out, "--json", "-").json()
     rewritten = {f"{layer}.{role}" for layer in _example_scope() for role in ROLES}
     assert {c["name"] for c in report["changed"]} == rewritten == {c.name for c in result.changes}
     assert report["added"] == [] and report["removed"] == []
@@ -776,24 +748,23 @@ def test_diff_after_a_fold(fold, capsys):
     assert report["summary"]["n_revived"] == 22 and report["summary"]["n_dead_after"] == 0
 
 
-@pytest.mark.parametrize("args", [
-    ["--method", "nope"],
-    ["--scope", "nope"],
-    ["--mode", "nope"],
-    ["--stats", "nope"],
-    ["--variant", "nope", "--method", "reset"],
-    ["--stats", "data"],
-    ["--method", "relearn"],
-    ["--method", "recalibrate"],
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "--method must be one of abri, recalibrate, relearn, reset"),
+    (["--scope", "nope"], "--scope must be one of flagged, layers, all"),
+    (["--mode", "nope"], "--mode must be fold or module"),
+    (["--stats", "nope"], "--stats must be one of reset, blend, data"),
+    (["--variant", "nope", "--method", "reset"], "--variant must be all or tiny-gamma"),
+    (["--stats", "data"], "--stats data needs --data"),
+    (["--method", "relearn"], "--method relearn needs --data (or --alpha-audio/--alpha-visual to skip the diagnosis)"),
+    (["--method", "recalibrate"], "--method recalibrate needs --data"),
 ], ids=["method", "scope", "mode", "stats", "variant", "stats-data-without-data", "relearn-without-data",
         "recalibrate-without-data"])
-def test_bad_options_are_one_line_errors(tmp_path, capsys, args):
+def test_bad_options_are_one_line_errors(tmp_path, cli, args, message):
     src = _example_copy(tmp_path)
     before = _fingerprint(src)
     out = tmp_path / "out.pth"
-    rc, stdout, err = _cli(capsys, "reinit", src, "--out", out, *args)
-    _assert_one_line_error(rc, err)
-    assert stdout == "" and not out.exists()
+    assert cli("reinit", src, "--out", out, *args).error() == message  # nothing on stdout either
+    assert not out.exists()
     assert _fingerprint(src) == before
 
 

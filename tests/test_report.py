@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from avdiag.errors import UsageError
-from avdiag.models import OGMGEClassifier
 from avdiag.report import access
 from avdiag.report.blocks import registered_commands, section_builder
 from avdiag.report.document import Chart, Table, build_document
@@ -40,7 +39,8 @@ from avdiag.workflows.diff import diff as run_diff
 from avdiag.workflows.inspect import inspect as run_inspect
 from avdiag.workflows.reinit import reinit as run_reinit
 from avdiag.workflows.report import load_results, report
-from layout_fixtures import N_CLASSES, WIDTH, planted_av, state_dict, strict_json
+from helpers.checkpoints import av_model
+from layout_fixtures import N_CLASSES, state_dict, strict_json
 from test_layering import GRAPH, MODULES
 
 CONSTANT = ("audio_net.layer2.0.bn1", 5)  # gamma 0, beta < 0: s = 0, z = -inf, dead
@@ -66,10 +66,7 @@ def markdown_of(results, title: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("report")
-    torch.manual_seed(0)
-    model = OGMGEClassifier(N_CLASSES, width=WIDTH)
-    planted_av(model, "audio_net", "visual_net")
-    sd = state_dict(model)
+    sd = state_dict(av_model("ogm-ge", planted=True)[0])
     sd[CONSTANT[0] + ".weight"][CONSTANT[1]] = 0.0
     sd[CONSTANT[0] + ".bias"][CONSTANT[1]] = -0.1
     ckpt = folder / "model.pt"
@@ -464,6 +461,7 @@ def _unescape_md(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
+@pytest.mark.slow
 def test_html_and_markdown_render_the_same_sections(results):
     document = build_document([results["probed"], results["reinit"], results["diff"], _conflict_doc(),
                                _check_doc()])

@@ -16,7 +16,6 @@ import torch
 from scipy.stats import norm
 
 from avdiag import LoadOptions, inspect
-from avdiag.cli import main
 from avdiag.load import Checkpoint
 from avdiag.load.store import TensorStore
 from avdiag.locate import DEFAULT_BN_EPS, BNLayer, locate
@@ -62,13 +61,9 @@ def bn_tensors(prefix: str, gamma, beta, rv, rm=None) -> dict[str, torch.Tensor]
             f"{prefix}.num_batches_tracked": torch.tensor(100)}
 
 
-def run_cli(args: list[str], tmp_path: Path, capsys) -> tuple[int, dict | None, str]:
-    out = tmp_path / "report.json"
-    if out.exists():
-        out.unlink()
-    code = main(["inspect", *args, "--json", str(out), "-q"])
-    err = capsys.readouterr().err
-    return code, (json.loads(out.read_text()) if out.exists() else None), err
+def inspect_json(cli, path: Path, *options: str) -> dict:
+    """``avdiag inspect PATH OPTIONS --json -``: exit 0 and the JSON report."""
+    return cli("inspect", path, *options, "--json", "-").json()
 
 
 def layer_json(report: dict, name: str) -> dict:
@@ -133,11 +128,10 @@ def test_constant_channel_with_tiny_positive_beta_is_dead():
     assert v.dead == [0, 1]
 
 
-def test_infinite_z_is_written_as_null_in_json(tmp_path, capsys):
+def test_infinite_z_is_written_as_null_in_json(tmp_path, cli):
     path = save(tmp_path, {"enc.conv.weight": torch.ones(2, 1, 3, 3),
                            **bn_tensors("enc.bn", [0.0, 0.0], [-1.0, 1.0], [1.0, 1.0])})
-    code, report, _ = run_cli([str(path), "--per-channel"], tmp_path, capsys)
-    assert code == 0
+    report = inspect_json(cli, path, "--per-channel")
     per = layer_json(report, "enc.bn")["per_channel"]
     assert per["z"] == [None, None]  # non-finite: JSON null (schema 1.1)
     assert per["fire_prob"] == [0.0, 1.0]
@@ -242,11 +236,10 @@ PRESET_GAMMAS = [5e-11, 1e-6, 1e-41, 1e-3]  # beta = 0 in all four channels
     ("loose", [0, 1, 2]),  # 2e-5
     ("strict", [2]),  # 1e-40
 ])
-def test_abnormal_presets_through_the_cli(preset, expected, tmp_path, capsys):
+def test_abnormal_presets_through_the_cli(preset, expected, tmp_path, cli):
     path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3),
                            **bn_tensors("enc.bn", PRESET_GAMMAS, [0.0] * 4, [1.0] * 4)})
-    code, report, _ = run_cli([str(path), "--abnormal-preset", preset], tmp_path, capsys)
-    assert code == 0
+    report = inspect_json(cli, path, "--abnormal-preset", preset)
     assert report["thresholds"]["abnormal"] == ABNORMAL_PRESETS[preset]
     assert layer_json(report, "enc.bn")["abnormal_channels"] == expected
 
@@ -256,36 +249,35 @@ def test_abnormal_presets_are_the_papers_values():
     assert Thresholds().abnormal == 1e-10
 
 
-def test_abnormal_default_and_explicit_threshold_through_the_cli(tmp_path, capsys):
+def test_abnormal_default_and_explicit_threshold_through_the_cli(tmp_path, cli):
     path = save(tmp_path, {"enc.conv.weight": torch.ones(4, 1, 3, 3),
                            **bn_tensors("enc.bn", PRESET_GAMMAS, [0.0] * 4, [1.0] * 4)})
-    code, report, _ = run_cli([str(path)], tmp_path, capsys)
-    assert code == 0 and report["thresholds"]["abnormal"] == 1e-10
+    report = inspect_json(cli, path)
+    assert report["thresholds"]["abnormal"] == 1e-10
     assert layer_json(report, "enc.bn")["abnormal_channels"] == [0, 2]
-    code, report, _ = run_cli([str(path), "--abnormal-threshold", "1e-2"], tmp_path, capsys)
-    assert code == 0 and report["thresholds"]["abnormal"] == 1e-2
+    report = inspect_json(cli, path, "--abnormal-threshold", "1e-2")
+    assert report["thresholds"]["abnormal"] == 1e-2
     assert layer_json(report, "enc.bn")["abnormal_channels"] == [0, 1, 2, 3]
 
 
-def test_abnormal_preset_usage_errors(tmp_path, capsys):
+def test_abnormal_preset_usage_errors(tmp_path, cli):
     path = save(tmp_path, bn_tensors("enc.bn", [1.0], [0.0], [1.0]))
-    code, report, err = run_cli([str(path), "--abnormal-preset", "medium"], tmp_path, capsys)
-    assert code == 2 and report is None and "--abnormal-preset" in err
-    code, report, err = run_cli([str(path), "--abnormal-preset", "paper", "--abnormal-threshold", "1e-3"],
-                                tmp_path, capsys)
-    assert code == 2 and report is None and "not both" in err
+    message = cli("inspect", path, "--abnormal-preset", "medium", "--json", "-").error()
+    assert message == "--abnormal-preset must be one of paper, loose, strict, got 'medium'"
+    message = cli("inspect", path, "--abnormal-preset", "paper", "--abnormal-threshold", "1e-3", "--json", "-").error()
+    assert message == "give --abnormal-threshold or --abnormal-preset, not both"
 
 
-def test_dead_z_option_through_the_cli(tmp_path, capsys):
+def test_dead_z_option_through_the_cli(tmp_path, cli):
     path = save(tmp_path, {"enc.relu_bn.weight": torch.ones(2),
                            "enc.relu_bn.bias": torch.tensor([-2.0, -4.0], dtype=torch.float64),
                            "enc.relu_bn.running_mean": torch.zeros(2, dtype=torch.float64),
                            "enc.relu_bn.running_var": torch.ones(2, dtype=torch.float64)})
-    code, report, _ = run_cli([str(path)], tmp_path, capsys)
+    report = inspect_json(cli, path)
     assert layer_json(report, "enc.relu_bn")["feeds_activation"] == "yes"  # name heuristic: "relu"
     assert layer_json(report, "enc.relu_bn")["dead_channels"] == [1]
-    code, report, _ = run_cli([str(path), "--dead-z", "-1.5"], tmp_path, capsys)
-    assert code == 0 and report["thresholds"]["dead_z"] == -1.5
+    report = inspect_json(cli, path, "--dead-z", "-1.5")
+    assert report["thresholds"]["dead_z"] == -1.5
     assert layer_json(report, "enc.relu_bn")["dead_channels"] == [0, 1]
 
 
@@ -374,10 +366,9 @@ def test_assume_activation_turns_possibly_dead_into_dead(tmp_path):
     assert w.dead == [0, 2] and w.possibly_dead == [] and assumed.n_dead == 2
 
 
-def test_assume_activation_through_the_cli(tmp_path, capsys):
+def test_assume_activation_through_the_cli(tmp_path, cli):
     path = _unknown_ckpt(tmp_path)
-    code, report, _ = run_cli([str(path), "--assume-activation", "relu"], tmp_path, capsys)
-    assert code == 0
+    report = inspect_json(cli, path, "--assume-activation", "relu")
     layer = layer_json(report, "enc.bn")
     assert layer["activation_source"] == "assumed" and layer["dead_channels"] == [0, 2]
     assert layer["possibly_dead_channels"] == []
@@ -413,7 +404,7 @@ def test_default_eps_and_user_eps():
     assert (layer.eps, layer.eps_source) == (0.25, "user")
 
 
-def test_bn_eps_changes_the_scale_of_default_eps_layers(tmp_path, capsys):
+def test_bn_eps_changes_the_scale_of_default_eps_layers(tmp_path, cli):
     rv = np.array([1e-4, 1e-2, 1.0])
     gamma = np.array([1.0, -2.0, 0.5])
     path = save(tmp_path, {"enc.conv.weight": torch.ones(3, 1, 3, 3),
@@ -423,8 +414,7 @@ def test_bn_eps_changes_the_scale_of_default_eps_layers(tmp_path, capsys):
         e = 1e-5 if eps is None else eps
         assert (v.layer.eps, v.layer.eps_source) == (e, source)
         np.testing.assert_allclose(v.stats.scale, np.abs(gamma) * np.sqrt(rv / (rv + e)), rtol=1e-14)
-    code, report, _ = run_cli([str(path), "--bn-eps", "1e-2", "--per-channel"], tmp_path, capsys)
-    assert code == 0
+    report = inspect_json(cli, path, "--bn-eps", "1e-2", "--per-channel")
     layer = layer_json(report, "enc.bn")
     assert (layer["eps"], layer["eps_source"]) == (1e-2, "user")
     np.testing.assert_allclose(layer["per_channel"]["scale"], np.abs(gamma) * np.sqrt(rv / (rv + 1e-2)), rtol=1e-14)
@@ -499,11 +489,10 @@ def test_thresholds_round_trip_through_to_dict_and_json(tmp_path):
     assert json.loads(json.dumps(result.to_dict()))["thresholds"] == d
 
 
-def test_cli_thresholds_land_in_the_json(tmp_path, capsys):
+def test_cli_thresholds_land_in_the_json(tmp_path, cli):
     path = save(tmp_path, bn_tensors("enc.bn", [1.0], [0.0], [1.0]))
-    code, report, _ = run_cli([str(path), "--dead-z", "-2.5", "--abnormal-preset", "strict", "--constant-scale",
-                               "1e-4", "--low-gain", "0.05", "--collapsed-filter", "1e-3"], tmp_path, capsys)
-    assert code == 0
+    report = inspect_json(cli, path, "--dead-z", "-2.5", "--abnormal-preset", "strict", "--constant-scale", "1e-4",
+                          "--low-gain", "0.05", "--collapsed-filter", "1e-3")
     assert Thresholds(**report["thresholds"]) == Thresholds(dead_z=-2.5, abnormal=1e-40, constant_scale=1e-4,
                                                             low_gain=0.05, collapsed_filter=1e-3)
 

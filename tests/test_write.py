@@ -401,11 +401,11 @@ def test_bad_names_are_refused(tmp_path):
     src = tmp_path / "in.pt"
     _nested(src)
     ckpt = load_checkpoint(src)
-    with pytest.raises(UsageError, match="no such tensor"):
+    with pytest.raises(UsageError, match="^cannot drop 'nope': the checkpoint has no such tensor$"):
         write_checkpoint(ckpt, {}, tmp_path / "o.pt", provenance=PROV, drop={"nope"})
-    with pytest.raises(UsageError, match="both"):
+    with pytest.raises(UsageError, match="^tensor 'audio_net.bn1.weight' is both rewritten and dropped$"):
         write_checkpoint(ckpt, CHANGED, tmp_path / "o.pt", provenance=PROV, drop=set(CHANGED))
-    with pytest.raises(UsageError, match="format"):
+    with pytest.raises(UsageError, match=r"^cannot write format 'onnx' \(choose one of "):
         write_checkpoint(ckpt, {}, tmp_path / "o.pt", provenance=PROV, fmt="onnx")
     assert list(tmp_path.iterdir()) == [src]
 
@@ -525,6 +525,7 @@ _KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_write_leaves_input_and_target_alone(tmp_path):
     src, out = tmp_path / "big.pt", tmp_path / "out.pt"
     n = 25_000_000  # 3 x 100 MB, so that writing takes a moment

@@ -113,11 +113,13 @@ class TensorFileDataset(AVDataset):
                     raise DataError(f"{self.path}: 'audio' must be (N, F, T) or (N, 1, F, T), "
                                     f"got {tuple(a.shape)}")
             else:
+                written = tuple(a.shape)
                 if a.ndim == 4:
                     a = a[:, :, None]
                 if a.ndim != 5 or a.shape[1] != 3:
+                    hint = " (channels last? move the 3 to axis 1)" if written[-1] == 3 else ""
                     raise DataError(f"{self.path}: 'visual' must be (N, 3, T, H, W) or (N, 3, H, W), "
-                                    f"got {tuple(a.shape)}")
+                                    f"got {written}{hint}")
             self.arrays[m] = a
         if not self.arrays:
             raise DataError(f"{self.path}: no 'audio' or 'visual' array")
