@@ -278,9 +278,10 @@ def _verify(subject: Subject, new: dict[str, torch.Tensor], path: Path, method: 
         raise VerificationError(f"the written file differs from the intended rewrite at {len(problems)} "
                                 f"tensor(s), e.g. {problems[0]}; nothing was written")
     identical = sum(1 for n in ckpt.tensors.names() if n not in new)
-    return {"reloaded": True, "identical": identical, "rewritten": len(new),
-            "forward": _forward_check(Subject(written, subject.located, subject.options), method, settings, data,
-                                      batches)}
+    forward, change = _forward_check(subject, Subject(written, subject.located, subject.options), method, settings,
+                                     data, batches)
+    return {"reloaded": True, "identical": identical, "rewritten": len(new), "forward": forward,
+            "output_change": change}
 
 
 def _stored(written: Checkpoint, name: str, intended: torch.Tensor) -> bool:
@@ -293,9 +294,10 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
-def _forward_check(written: Subject, method: methods.Method, settings: Any, data: DataSource | None,
-                   batches: _Batches | None) -> str:
-    """"finite" after one forward pass of the written model; "skipped (...)" when no model can run."""
+def _forward_check(original: Subject, written: Subject, method: methods.Method, settings: Any,
+                   data: DataSource | None, batches: _Batches | None) -> tuple[str, dict[str, Any] | None]:
+    """("finite", how far the outputs moved) after one forward pass of the written model next to the
+    original one on the same batch; ("skipped (...)", None) when no model can run."""
     factory = data.model if data is not None else None
     try:
         resolved = method.written_model(written.ckpt, written.located, settings, factory) \
@@ -303,7 +305,7 @@ def _forward_check(written: Subject, method: methods.Method, settings: Any, data
         if resolved is None:
             resolved = written.model(factory, data.visual_layout if data is not None else None)
     except ModelError:
-        return "skipped (no model: pass --model to check a forward pass)"
+        return "skipped (no model: pass --model to check a forward pass)", None
     device = data.torch_device() if data is not None else torch.device("cpu")
     batch = batches.first_batch() if batches is not None else _synthetic_batch()
     try:
@@ -311,11 +313,31 @@ def _forward_check(written: Subject, method: methods.Method, settings: Any, data
     except ModelError as e:
         if data is not None:
             raise
-        return f"skipped (the model does not take avdiag's synthetic batch: {e}; pass --data to check)"
+        return f"skipped (the model does not take avdiag's synthetic batch: {e}; pass --data to check)", None
     tensors = [t for t in _flatten(outputs) if isinstance(t, torch.Tensor)]
     if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise VerificationError("a forward pass of the rewritten model gives non-finite outputs; nothing was written")
-    return "finite"
+    return "finite", _output_change(original, data, batch, device, tensors)
+
+
+def _output_change(original: Subject, data: DataSource | None, batch: dict[str, torch.Tensor], device: torch.device,
+                   after: list[torch.Tensor]) -> dict[str, Any] | None:
+    """The largest |change| of the model's outputs (the logits) between the input and the rewritten file on
+    the batch the forward check used; None when the original model cannot run."""
+    try:
+        factory = data.model if data is not None else None
+        resolved = original.model(factory, data.visual_layout if data is not None else None)
+        before = [t for t in _flatten(_run(resolved, batch, device, data.amp if data is not None else False))
+                  if isinstance(t, torch.Tensor)]
+    except ModelError:
+        return None
+    pairs = [(a, b) for a, b in zip(before, after) if a.shape == b.shape]
+    if not pairs or len(before) != len(after):
+        return None
+    max_abs = max(float((b.double() - a.double()).abs().max()) for a, b in pairs)
+    scale = max(float(a.double().abs().max()) for a, _ in pairs)
+    return {"max_abs": max_abs, "max_abs_before": scale, "samples": int(len(batch["label"])),
+            "batch": "data" if data is not None else "synthetic"}
 
 
 def _run(resolved, batch: dict[str, torch.Tensor], device: torch.device, amp: bool) -> Any:

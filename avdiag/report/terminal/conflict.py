@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from avdiag.report.terminal.inspect import synthetic_note
+
 if TYPE_CHECKING:
     from avdiag.workflows.conflict import ConflictResult
 
@@ -18,7 +20,7 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
         return
     console.print(escape(f"{result.checkpoint.path}: {result.model} on {result.data} ({result.device}, "
                          f"{result.world_size} process(es)); uni-modal logits from "
-                         f"{result.contribution.unimodal_source}"), highlight=False)
+                         f"{result.contribution.unimodal_source}" + synthetic_note(result.data)), highlight=False)
     console.print(_conflict_table(result))
     console.print(_contribution_table(result))
     ogm = result.contribution.ogm
@@ -29,6 +31,8 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
         worst = ", ".join(f"#{r['index']} ({r['cos']:+.2f})" for r in s.most_conflicting[:5])
         if worst:
             console.print(escape(f"{m}: most conflicting samples {worst}"), highlight=False)
+    for step in next_steps(result):
+        console.print(f"next: {escape(step)}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
@@ -68,3 +72,25 @@ def _contribution_table(result: "ConflictResult") -> Table:
 def _signed(value: float) -> str:
     text = f"{value:+.4f}"
     return "+0.0000" if text == "-0.0000" else text
+
+
+DOMINANCE_RHO = 1.5  # below this the OGM-GE score ratio is too close to 1 to call for a remedy
+
+
+def next_steps(result: "ConflictResult") -> list[str]:
+    """What the numbers mean and the remedies the methods offer, when one modality dominates or conflicts."""
+    ogm = result.contribution.ogm
+    steps = []
+    rho = ogm.rho.get(ogm.dominant) if ogm.dominant else None
+    if rho is not None and rho >= DOMINANCE_RHO:
+        weak = next((m for m in ogm.rho if m != ogm.dominant), None)
+        ratio = f" (rho {rho:.2f}: its OGM-GE score over {weak}'s)" if weak else ""
+        steps.append(f"{ogm.dominant} dominates{ratio}; remedies: OGM-GE gradient modulation in training (alpha "
+                     f"{ogm.alpha:g} here), or re-learning the under-learned encoder: avdiag reinit "
+                     f"{result.checkpoint.path} --method relearn --data SPEC --out relearned.pt")
+    conflicting = [m for m, s in result.conflict.summaries.items() if s.conflict_rate > 0]
+    for m in conflicting:
+        s = result.conflict.summaries[m]
+        steps.append(f"{m}: the multimodal and uni-modal gradients conflict (cosine <= 0) on {s.conflict_rate:.0%} of "
+                     "batches; MMPareto's gradient combination (weights in the JSON, conflict.mmpareto) is the remedy")
+    return steps

@@ -44,8 +44,8 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
         _grouped_findings(result.findings, console)
     if result.probe:
         p = result.probe
-        console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})"),
-                      highlight=False)
+        console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})"
+                             + synthetic_note(p.data)), highlight=False)
         for name, m in result.modalities.items():
             if m.agreement is not None:
                 console.print(f"  {name}: measured dead {m.n_measured_dead}/{m.n_bn_channels}, rarely active "
@@ -53,6 +53,11 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def synthetic_note(data_name: str) -> str:
+    """A reminder on every figure measured on avdiag's synthetic data."""
+    return "; synthetic data: these figures say nothing about real data" if data_name.startswith("synthetic") else ""
 
 
 def _grouped_findings(findings, console: Console) -> None:

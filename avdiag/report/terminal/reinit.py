@@ -36,6 +36,11 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
     v = result.verification
     console.print(f"verified: the written file reloads with {v['identical']} tensors bit-identical to the input and "
                   f"{v['rewritten']} exactly as intended; forward pass: {v['forward']}", highlight=False)
+    change = v.get("output_change")
+    if change:
+        console.print(f"outputs moved: max |change| {change['max_abs']:.3g} of the logits (largest |logit| "
+                      f"{change['max_abs_before']:.3g}) on {change['samples']} {change['batch']} sample(s)",
+                      highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
