@@ -63,6 +63,8 @@ def command(name: str | None = None):
 
     def register(func):
         signature = inspect.signature(func, eval_str=True)
+        for parameter in signature.parameters.values():
+            _plain_metavar(parameter)
         debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
 
         @functools.wraps(func)
@@ -76,6 +78,31 @@ def command(name: str | None = None):
         return func
 
     return register
+
+
+_METAVARS = {str: "TEXT", int: "N", float: "X"}
+
+
+def _plain_metavar(parameter) -> None:
+    """Usage lines without Python types: arguments by their upper-case name (CHECKPOINT, PATHS...), options
+    by a plain word (TEXT, N, X, PATH) unless they name their own metavar (choices, formats)."""
+    import typing
+    from pathlib import Path
+
+    annotation = parameter.annotation
+    if typing.get_origin(annotation) is not typing.Annotated:
+        return
+    kind, *extras = typing.get_args(annotation)
+    info = next((e for e in extras if isinstance(e, (typer.models.OptionInfo, typer.models.ArgumentInfo))), None)
+    if info is None or info.metavar is not None:
+        return
+    if isinstance(info, typer.models.ArgumentInfo):
+        info.metavar = parameter.name.upper()
+        return
+    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if typing.get_args(kind) else kind
+    if base is bool:
+        return
+    info.metavar = "PATH" if base is Path else _METAVARS.get(base)
 
 
 def _one_line(text: object) -> str:

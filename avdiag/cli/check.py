@@ -28,9 +28,10 @@ def check(
                      "file and rule.")] = None,
     sarif: Annotated[Optional[Path], typer.Option("--sarif", metavar="PATH", help="SARIF 2.1.0 log.")] = None,
     report: ReportOpt = None,
-    fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="error or warning.")] = None,
-    on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed",
-                                   help="error, violation or pass.")] = None,
+    fail_on: Annotated[Optional[str], typer.Option("--fail-on", metavar="error|warning", help="The least severity "
+                       "that fails the run [default: the policy's, else error].")] = None,
+    on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed", metavar="error|violation|pass",
+                                   help="What a path that holds no checkpoint is [default: the policy's, else error].")] = None,
     ogm_alpha: Annotated[float, typer.Option("--ogm-alpha", help="OGM-GE alpha of the contribution rule.")] = 0.8,
     quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [],
     data=None,

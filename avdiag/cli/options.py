@@ -46,14 +46,15 @@ DATA_PARAMETERS: dict[str, tuple[Any, Any]] = {
         "--model", metavar="pkg.module:factory",
         help="Build the model with this factory (strict load) instead of the built-in registry.")], None),
     "visual_layout": (Annotated[Optional[str], _data_option(
-        "--visual-layout", help="BCTHW or BTCHW: how a --model factory wants clips, (B,3,T,H,W) or (B,T,3,H,W) "
+        "--visual-layout", metavar="BCTHW|BTCHW", help="BCTHW or BTCHW: how a --model factory wants clips, (B,3,T,H,W) or (B,T,3,H,W) "
         "[default: its visual_layout attribute, else BCTHW].")], None),
-    "device": (Annotated[str, _data_option("--device", help="auto, cpu or cuda[:N].")], "auto"),
+    "device": (Annotated[str, _data_option("--device", metavar="auto|cpu|cuda[:N]", help="Where the model runs.")],
+               "auto"),
     "split": (Annotated[str, _data_option("--split", help="Dataset split.")], "train"),
-    "batch_size": (Annotated[int, _data_option("--batch-size", min=1)], 32),
+    "batch_size": (Annotated[int, _data_option("--batch-size", min=1, help="Samples per batch.")], 32),
     "limit": (Annotated[Optional[int], _data_option(
         "--limit", min=1, help="Use at most this many samples (a seeded random subset).")], None),
-    "num_workers": (Annotated[int, _data_option("--num-workers", min=0)], 0),
+    "num_workers": (Annotated[int, _data_option("--num-workers", min=0, help="DataLoader worker processes.")], 0),
     "seed": (Annotated[int, _data_option("--seed", help="Seed of the sample selection.")], 0),
     "amp": (Annotated[bool, _data_option("--amp", help="Autocast on GPU.")], False),
     "image_size": (Annotated[Optional[int], _data_option("--image-size", help="Resize images (folders).")], None),

@@ -13,7 +13,7 @@ from avdiag.cli.app import command
 @command("report")
 def report_command(
     results: Annotated[list[Path], typer.Argument(help="JSON results of avdiag commands (--json output).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="report.html (self-contained, plots embedded) "
+    output: Annotated[Path, typer.Option("--out", "--output", "-o", help="report.html (self-contained, plots embedded) "
                       "or report.md (for pull-request comments).")],
     title: Annotated[Optional[str], typer.Option("--title")] = None,
     images: Annotated[bool, typer.Option("--images", help="Markdown: write the plots as PNGs beside the report.")]
