@@ -57,9 +57,14 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
 def imports_of(module: str) -> set[str]:
     """The avdiag modules ``module`` imports (``from pkg import submodule`` names the submodule)."""
     path = MODULES[module]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return imports_in(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> set[str]:
+    """The avdiag modules that ``source`` (the text of ``module``) imports, lazy ones included."""
+    tree = ast.parse(source)
     skip = _type_checking_nodes(tree)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    package = module if is_package else module.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -131,10 +136,13 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
-    """The walk itself works: a lazy import of a workflow from a measure is reported."""
-    source = "def f():\n    from avdiag.workflows import inspect\n"
-    tree = ast.parse(source)
-    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names == {"avdiag.workflows"}
-    assert LEVELS[stage("avdiag.workflows.inspect")] > LEVELS[stage("avdiag.measure.probe")]
+def test_the_checker_sees_lazy_relative_and_submodule_imports():
+    source = ("from typing import TYPE_CHECKING\n"
+              "from . import static\n"
+              "from ..workflows import inspect\n"
+              "if TYPE_CHECKING:\n    from avdiag.cli import app\n"
+              "def f():\n    from avdiag.report.plots import write_conflict_plots\n    import avdiag.rewrite.abri\n")
+    found = imports_in(source, "avdiag.measure.probe")
+    assert found == {"avdiag.measure.static", "avdiag.workflows.inspect", "avdiag.report.plots", "avdiag.rewrite.abri"}
+    upward = {m for m in found if LEVELS[stage(m)] > LEVELS[stage("avdiag.measure.probe")]}
+    assert upward == {"avdiag.workflows.inspect", "avdiag.report.plots", "avdiag.rewrite.abri"}
