@@ -86,3 +86,13 @@ def test_reinit_warns_about_flags_of_another_method(checkpoint, tmp_path, cli):
     assert run.err.splitlines() == ["avdiag: warning: --scope does not apply to --method reset (ignored)",
                                     "avdiag: warning: --lam does not apply to --method reset (ignored)"]
     assert cli("reinit", checkpoint, "--method", "abri", "--scope", "all", "-o", out, "-q").ok().err == ""
+
+
+@pytest.mark.parametrize("command", ["inspect", "diff", "reinit"])
+def test_quiet_is_one_line_at_any_width(command, checkpoint, tmp_path, cli, monkeypatch):
+    """--quiet promises one line for scripts (``avdiag diff a b -q | grep``), however narrow the terminal."""
+    monkeypatch.setenv("COLUMNS", "40")
+    args = {"inspect": ["inspect", checkpoint], "diff": ["diff", checkpoint, checkpoint],
+            "reinit": ["reinit", checkpoint, "-o", tmp_path / "out.pt"]}[command]
+    lines = cli(*args, "-q").ok().out.splitlines()
+    assert len(lines) == 1, lines

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def render_conflict(result: "ConflictResult", console: Console, quiet: bool = False) -> None:
     if quiet:
-        console.print(escape(result.summary_line()), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False, soft_wrap=True)  # one line, for grep and logs
         return
     console.print(escape(f"{result.checkpoint.path}: {result.model} on {result.data} ({result.device}, "
                          f"{result.world_size} process(es)); uni-modal logits from "
@@ -33,7 +33,7 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
             console.print(escape(f"{m}: most conflicting samples {worst}"), highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
 
 
 def _fmt(d: dict) -> str:

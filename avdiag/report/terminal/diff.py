@@ -24,7 +24,7 @@ def render_diff(result: DiffResult, console: Console, quiet: bool = False, top: 
     """Print ``result``; with ``quiet`` only its summary line. Without ``verbose``: the BN layers where
     channels died or revived and the ``top`` most-changed tensors; with it every changed layer and tensor."""
     if quiet:
-        console.print(escape(result.summary_line()), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False, soft_wrap=True)  # one line, for grep and logs
         return
     for side, ck in (("A", result.a), ("B", result.b)):
         console.print(f"[bold]{side}[/] {escape(ck.path)}  {ck.format}, {ck.n_tensors} tensors, "
@@ -45,7 +45,7 @@ def render_diff(result: DiffResult, console: Console, quiet: bool = False, top: 
     for label, names in (("added", result.added), ("removed", result.removed)):
         if names:
             console.print(escape(f"{label} ({len(names)}): {_names(names)}"), highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
 
 
 def _modality_table(result: DiffResult, width: int):

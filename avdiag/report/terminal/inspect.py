@@ -19,7 +19,7 @@ _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 def render_inspect(result: InspectResult, console: Console, quiet: bool = False, verbose: bool = False) -> None:
     """Print ``result``: per-modality tables, the findings (informational ones with ``verbose``), the summary."""
     if quiet:
-        console.print(escape(result.summary_line()), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False, soft_wrap=True)  # one line, for grep and logs
         return
     ck = result.checkpoint
     unwrapped = " -> ".join(_unwrap_text(u) for u in ck.unwrapped) or "nothing"
@@ -52,7 +52,7 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
                               f"{m.n_rarely_active}; static prediction {_agreement(m.agreement)}", highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
 
 
 def synthetic_note(data_name: str) -> str:

@@ -20,7 +20,7 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
     """Print ``result``: what was rewritten per module (per tensor with ``verbose``), dead channels before ->
     after, what the verification proved, the summary."""
     if quiet or result.target is None:
-        console.print(escape(result.summary_line()), highlight=False)
+        console.print(escape(result.summary_line()), highlight=False, soft_wrap=True)  # one line, for grep and logs
         return
     console.print(f"[bold]{escape(result.source.path)}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
                   + escape(", ".join(f"{k}={v}" for k, v in result.parameters.items()
@@ -41,7 +41,7 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
         console.print(f"outputs moved: max |change| {change['max_abs']:.3g} of the logits (largest |logit| "
                       f"{change['max_abs_before']:.3g}) on {change['samples']} {change['batch']} sample(s)",
                       highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
 
 
 def _module_table(result: ReinitResult, width: int):
