@@ -33,7 +33,7 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
             console.print(escape(f"{m}: most conflicting samples {worst}"), highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def _fmt(d: dict) -> str:

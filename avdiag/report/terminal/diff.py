@@ -45,7 +45,7 @@ def render_diff(result: DiffResult, console: Console, quiet: bool = False, top: 
     for label, names in (("added", result.added), ("removed", result.removed)):
         if names:
             console.print(escape(f"{label} ({len(names)}): {_names(names)}"), highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def _modality_table(result: DiffResult, width: int):

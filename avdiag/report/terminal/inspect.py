@@ -52,7 +52,7 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
                               f"{m.n_rarely_active}; static prediction {_agreement(m.agreement)}", highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def synthetic_note(data_name: str) -> str:

@@ -41,7 +41,7 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
         console.print(f"outputs moved: max |change| {change['max_abs']:.3g} of the logits (largest |logit| "
                       f"{change['max_abs_before']:.3g}) on {change['samples']} {change['batch']} sample(s)",
                       highlight=False)
-    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
 
 
 def _module_table(result: ReinitResult, width: int):
