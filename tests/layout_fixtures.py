@@ -16,7 +16,6 @@ Layer names in the plans are relative to a ResNet-18 encoder; :func:`plant_encod
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,14 +121,6 @@ def state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 def channels_by_layer(report: dict[str, Any], key: str = "dead_channels") -> dict[str, list[int]]:
     """{layer name: channels} for the layers where ``key`` is not empty."""
     return {layer["name"]: layer[key] for layer in report["layers"] if layer[key]}
-
-
-def strict_json(text: str) -> Any:
-    """json.loads that refuses NaN / Infinity literals (not JSON, though Python writes them)."""
-    def refuse(token: str) -> Any:
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def sha256_file(path: Path) -> str:

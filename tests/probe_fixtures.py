@@ -146,11 +146,12 @@ def _optim_state(model: nn.Module) -> dict:
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9).state_dict()
 
 
-def write_layout_checkpoint(case: LayoutCase, folder: Path, seed: int = 0
+def write_layout_checkpoint(case: LayoutCase, folder: Path, seed: int = 0, n_classes: int = N_CLASSES
                             ) -> tuple[Path, dict[str, list[int]], dict[str, list[int]]]:
-    """Save a planted model of ``case``'s layout; returns (path, always-off, always-on) by layer name."""
+    """Save a planted model of ``case``'s layout with a head of ``n_classes`` (at least the classes of the
+    data it is probed on); returns (path, always-off, always-on) by layer name."""
     torch.manual_seed(seed)
-    model = case.model(N_CLASSES, width=WIDTH, **dict(case.kwargs))
+    model = case.model(n_classes, width=WIDTH, **dict(case.kwargs))
     realistic_bn(model, seed)
     off, on = {}, {}
     for modality, encoder in zip(("audio", "visual"), case.encoders):

@@ -24,6 +24,8 @@ from avdiag.measure import compare as diff_module
 from avdiag.measure.compare import compare_values
 from avdiag.report.terminal.diff import render_diff
 from helpers.checkpoints import av_model
+from helpers.cli import strict_json
+from helpers.terminal import rows_by
 from layout_fixtures import state_dict
 
 DEAD_GAMMA, DEAD_BETA = 0.05, -0.5
@@ -108,13 +110,6 @@ def _expected_max(a: torch.Tensor, b: torch.Tensor) -> float:
     x, y = _np(a), _np(b)
     keep = ~(np.isnan(x) & np.isnan(y))
     return float(np.abs(y - x)[keep].max())
-
-
-def _strict_json(text: str):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 # ---- tensors ------------------------------------------------------------------------------------
@@ -242,7 +237,7 @@ def test_summary_line_and_json(result):
     line = result.summary_line()
     assert line.startswith("10 changed, 1 added, 1 removed, ")
     assert "dead BN channels 6 -> 8 (4 died, 2 revived; audio 4->3, visual 2->5)" in line
-    report = _strict_json(json.dumps(result.to_dict(), allow_nan=False))
+    report = strict_json(json.dumps(result.to_dict(), allow_nan=False))
     assert report["schema_version"] == "1.1"
     assert report["tool"]["command"] == "diff" and report["tool"]["name"] == "avdiag"
     assert report["a"]["sha256"] == result.a.sha256 and len(report["b"]["sha256"]) == 64
@@ -304,7 +299,7 @@ def test_nonfinite_results_are_json_null(tmp_path):
     assert by["zero"].rel_change == math.inf and by["zero"].max_abs_diff == 2.0
     assert math.isnan(by["nan"].rel_change) and math.isnan(by["nan"].max_abs_diff)
     text = json.dumps(r.to_dict(), allow_nan=False)
-    report = _strict_json(text)
+    report = strict_json(text)
     rows = {c["name"]: c for c in report["changed"]}
     assert rows["zero"]["rel_change"] is None and rows["nan"]["rel_change"] is None  # JSON null (schema 1.1)
     assert "NaN" not in text and "Infinity" not in text
@@ -378,27 +373,24 @@ def _render(result, **kw) -> str:
     return console.export_text()
 
 
-def _cells(text: str, first: str) -> list[str]:
-    """The cells of the table row whose first cell is ``first``."""
-    row = next((line for line in text.splitlines() if re.match(rf"\W*{re.escape(first)}\s", line)), None)
-    assert row is not None, f"no row {first!r} in:\n{text}"
-    return [cell.strip() for cell in re.split(r"[│┃]", row) if cell.strip()]
-
-
 def test_render(result):
     text = _render(result)
     lines = text.splitlines()
-    for heading in ("per modality", "BatchNorm layers that changed", "changed tensors"):
-        assert any(line.strip() == heading for line in lines), heading
-    assert _cells(text, "audio")[2:5] == ["4 -> 3", "1", "2"]  # dead A -> B, died, revived
-    assert _cells(text, "visual")[2:5] == ["2 -> 5", "3", "-"]
-    assert _cells(text, "audio_net.layer1.0.bn1")[-2:] == ["1 [1]", "2 [3, 7]"]  # died, revived
-    assert _cells(text, "visual_net.layer3.0.bn1")[-2:] == ["3 [4, 20, 31]", "-"]
-    assert _cells(text, "fusion_module.fc_out.weight")[1:3] == ["shape", "(6, 128) -> (7, 128)"]
+    modalities = rows_by(text, "modality")
+    assert {m: (r["dead A -> B"], r["died"], r["revived"]) for m, r in modalities.items()} == {
+        "audio": ("4 -> 3", "1", "2"), "visual": ("2 -> 5", "3", "-"), "other": ("0 -> 0", "-", "-")}
+    layers = rows_by(text, "layer")
+    assert (layers["audio_net.layer1.0.bn1"]["died"], layers["audio_net.layer1.0.bn1"]["revived"]) == (
+        "1 [1]", "2 [3, 7]")
+    assert (layers["visual_net.layer3.0.bn1"]["died"], layers["visual_net.layer3.0.bn1"]["revived"]) == (
+        "3 [4, 20, 31]", "-")
+    tensors = rows_by(text, "tensor")
+    assert set(tensors) == EXPECTED_CHANGED
+    assert tensors["fusion_module.fc_out.weight"]["shape / dtype"] == "(6, 128) -> (7, 128)"
     assert "added (1): fusion_module.extra_scale" in lines
     assert "removed (1): visual_net.bn1.num_batches_tracked" in lines
     assert "visual_net.layer2.1.bn1" not in text  # unchanged layers are not listed
     assert text.rstrip().endswith(result.summary_line())
     top = _render(result, top=3)
-    assert "(top 3 of 10)" in top
+    assert re.search(r"\(top 3 of 10\b", top) and len(rows_by(top, "tensor")) == 3
     assert _render(result, quiet=True) == result.summary_line() + "\n"

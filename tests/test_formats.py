@@ -21,7 +21,8 @@ from torch import nn
 
 import avdiag
 from helpers.checkpoints import write_av_checkpoint
-from layout_fixtures import channels_by_layer, planted_encoder, sha256_file, state_dict, strict_json
+from helpers.cli import strict_json
+from layout_fixtures import channels_by_layer, planted_encoder, sha256_file, state_dict
 
 
 @pytest.fixture(scope="module")

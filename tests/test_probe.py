@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.io import wavfile
 
-from avdiag.data import DataOptions, save_tensor_file
-from avdiag import DataSource, LoadOptions, inspect
+from avdiag.data import DataOptions, open_dataset, save_tensor_file
+from avdiag import DataSource, inspect
 from data_fixtures import write_corrupt_jpeg, write_cremad, write_ks, write_vggsound
 from probe_fixtures import (
     CREPE_BN_EPS,
@@ -381,14 +381,21 @@ def research_data(tmp_path_factory) -> dict[str, Path]:
 
 
 DATA_LAYOUTS = ("cremad", "vggsound", "ks", "ave")
+
+
+def _n_classes(spec: str) -> int:
+    """The classes of a data spec: the head of a checkpoint probed on it needs at least as many."""
+    return len(open_dataset(spec).classes)
+
+
 PAIRS = [(case, DATA_LAYOUTS[i % len(DATA_LAYOUTS)]) for i, case in enumerate(LAYOUTS)]
 
 
 @pytest.mark.parametrize("case,data_layout", PAIRS, ids=[f"{c.id}-on-{d}" for c, d in PAIRS])
 def test_layout_probe_finds_channels_dead_for_any_input(case, data_layout, research_data, tmp_path):
-    path, always_off, always_on = write_layout_checkpoint(case, tmp_path)
-    opts = DataSource(f"{data_layout}:{research_data[data_layout]}", device="cpu", batch_size=2,
-                        options=DataOptions(image_size=32))
+    spec = f"{data_layout}:{research_data[data_layout]}"
+    path, always_off, always_on = write_layout_checkpoint(case, tmp_path, n_classes=_n_classes(spec))
+    opts = DataSource(spec, device="cpu", batch_size=2, options=DataOptions(image_size=32))
     result = inspect(path, data=opts)
 
     assert result.layout.name == case.name
@@ -485,6 +492,12 @@ def test_error_model_without_data(cli, ogm_checkpoint):
     cli("inspect", ogm_checkpoint, "--model", "probe_fixtures:efficientnet_lite0").error("--model is used with --data")
 
 
+def test_error_data_with_more_classes_than_the_head(cli, ogm_checkpoint, research_data):
+    spec = f"ks:{research_data['ks']}"
+    message = cli("inspect", ogm_checkpoint, "--data", spec, "--image-size", "32", "--device", "cpu").error()
+    assert message.startswith(f"the data has {_n_classes(spec)} classes, the model's head has 6: "), message
+
+
 def test_error_cuda_without_cuda(cli, ogm_checkpoint, cremad_root):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -499,8 +512,10 @@ def _json_report(cli, ckpt: Path, data: str, *extra: str) -> dict:
                "--json", "-", *extra).json()
 
 
-def test_json_has_probe_and_per_layer_measurements(cli, ogm_checkpoint, research_data):
-    report = _json_report(cli, ogm_checkpoint, f"ks:{research_data['ks']}")
+def test_json_has_probe_and_per_layer_measurements(cli, tmp_path, research_data):
+    spec = f"ks:{research_data['ks']}"
+    ckpt, _, _ = write_layout_checkpoint(LAYOUTS[0], tmp_path, n_classes=_n_classes(spec))
+    report = _json_report(cli, ckpt, spec)
     assert report["probe"]["samples"] == 3
     assert report["probe"]["batches"] == 2
     assert report["probe"]["model"] == "registry:ogm-ge"

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from avdiag import LoadOptions, inspect
+from avdiag import inspect
 from avdiag.measure.thresholds import Thresholds
 
 pytestmark = pytest.mark.slow  # real third-party weights (up to 21k channels), TorchScript and a subprocess

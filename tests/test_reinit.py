@@ -819,8 +819,12 @@ def test_the_result_follows_the_contract(fold):
     assert doc["target"] == str(out) and doc["method"] == "abri"
     for key in ("parameters", "diagnosis", "changes", "dead_before", "dead_after", "verification", "warnings"):
         assert key in doc, key
-    assert doc["verification"] == {"reloaded": True, "identical": result.verification["identical"],
-                                   "rewritten": 28, "forward": "finite"}
+    verification = dict(doc["verification"])
+    change = verification.pop("output_change")  # how far one batch's outputs moved (synthetic without --data)
+    assert verification == {"reloaded": True, "identical": result.verification["identical"], "rewritten": 28,
+                            "forward": "finite"}
+    assert change["batch"] == "synthetic" and change["samples"] == 2
+    assert 0 < change["max_abs"] and 0 < change["max_abs_before"]
     assert type(result).from_dict(json.loads(json.dumps(doc))).to_dict() == doc
     frame = result.to_frame()
     assert list(frame.columns) == ["name", "channels_changed", "norm_before", "norm_after"]

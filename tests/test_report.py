@@ -40,7 +40,8 @@ from avdiag.workflows.inspect import inspect as run_inspect
 from avdiag.workflows.reinit import reinit as run_reinit
 from avdiag.workflows.report import load_results, report
 from helpers.checkpoints import av_model
-from layout_fixtures import N_CLASSES, state_dict, strict_json
+from helpers.cli import strict_json
+from layout_fixtures import N_CLASSES, state_dict
 from test_layering import GRAPH, MODULES
 
 CONSTANT = ("audio_net.layer2.0.bn1", 5)  # gamma 0, beta < 0: s = 0, z = -inf, dead

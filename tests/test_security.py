@@ -418,7 +418,7 @@ NOT_A_FORMAT = "not a checkpoint format avdiag reads"
 DAMAGED_ZIP = "damaged zip archive"
 DAMAGED_SAFETENSORS = "damaged safetensors file"
 UNREADABLE_TORCH = "cannot read torch checkpoint"
-NO_INDEX = "a folder without a *.index.json"
+NO_INDEX = "not a sharded checkpoint (no *.index.json)"
 LFS = "a Git LFS pointer, not the weights (run `git lfs pull` to fetch them)"
 
 # case: (builder, what the error line must say about the file)
@@ -513,7 +513,7 @@ def test_damaged_input_json(case: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["inspect"], "Missing argument 'checkpoint'."),
+        (["inspect"], "Missing argument 'CHECKPOINT'."),
         (["inspect", "{ckpt}", "--no-such-option"], "No such option: --no-such-option"),
         (["no-such-command", "{ckpt}"], "No such command 'no-such-command'."),
     ],
