@@ -30,4 +30,5 @@ def build(
         raise UsageError(f"unknown dataset {name!r}: avdiag can build avdigits")
     path = build_avdigits(out_dir, max_voices=max_voices, seed=seed)
     print(f"built avdigits in {path}")
+    print(f"next: use it with --data avdigits:{path} (e.g. avdiag inspect CKPT --data avdigits:{path})")
     return 0
