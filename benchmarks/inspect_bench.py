@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: ``avdiag.inspect_checkpoint`` against a bare load that touches every tensor.
+"""Benchmark: ``avdiag.inspect`` against a bare load that touches every tensor.
 
 Acceptance target (from the issue): on a ~1 GB checkpoint, in both ``.safetensors`` and
 ``.pt`` form, inspect runs within 1.5x of the bare load, and its peak memory stays under
@@ -18,8 +18,8 @@ What one invocation does:
    A  bare load + touch: ``safetensors.torch.load_file(p)`` or ``torch.load(p,
       map_location='cpu', weights_only=True)``, then ``float(t.float().sum())`` over
       every tensor, then the loaded object is dropped;
-   B  ``avdiag.inspect_checkpoint(p).to_dict()`` (includes a SHA-256 of the file);
-   C  ``avdiag.inspect_checkpoint(p, hash_file=False).to_dict()`` (no digest).
+   B  ``avdiag.inspect(p).to_dict()`` (includes a SHA-256 of the file);
+   C  ``avdiag.inspect(p, hash_file=False).to_dict()`` (no digest).
 
    With ``--hash-floor`` a fourth, H, is a plain SHA-256 of the file: the floor of B.
    One untimed warm-up of each (the file is then in the page cache), then
@@ -38,7 +38,7 @@ What one invocation does:
    memory  worst peak anon of B and of C < 300 MiB + largest tensor.
 
    Exit status 0 when every *gating* check passes, 1 when one fails, 2 when the harness
-   could not measure (a child failed, e.g. ``inspect_checkpoint`` is missing).  All
+   could not measure (a child failed, e.g. ``avdiag.inspect`` is missing).  All
    checks gate except B/A on ``.safetensors``: there A is an mmap of the page cache
    (several GB/s) and B's SHA-256 alone runs at ~1-1.5 GB/s, so B/A measures the
    hash, not inspect.  It is still printed (marked "not gating"), and C/A must pass
@@ -81,7 +81,7 @@ SPEED_TARGET = 1.5  # approach / A, ratio of medians
 MEM_ALLOWANCE_MIB = 300.0  # plus the largest tensor
 BUILD_VERSION = 1  # bump when the generated checkpoint changes
 CHILD_TIMEOUT_S = 1800
-EXIT_NO_INSPECT = 3  # a child that cannot find avdiag.inspect_checkpoint
+EXIT_NO_INSPECT = 3  # a child that cannot find avdiag.inspect
 
 FILE_NAMES = {"safetensors": "model.safetensors", "pt": "model.pt"}
 # approach -> (child mode, child mode under --stand-in, label)
@@ -372,19 +372,19 @@ def stand_in_inspect(path: str, hash_file: bool) -> dict:
 
 
 def _resolve_inspect():
-    """avdiag.inspect_checkpoint, or exit with a clear message."""
+    """avdiag.inspect, or exit with a clear message."""
     why = None
     try:
         import avdiag
 
-        fn = getattr(avdiag, "inspect_checkpoint", None)
+        fn = getattr(avdiag, "inspect", None)
         if fn is None:
-            why = f"module avdiag ({getattr(avdiag, '__file__', None)}) has no inspect_checkpoint"
+            why = f"module avdiag ({getattr(avdiag, '__file__', None)}) has no inspect"
     except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
         why = f"`import avdiag` failed: {type(exc).__name__}: {exc}"
     if why:
         print(
-            f"inspect_bench: avdiag.inspect_checkpoint is not available: {why}.\n"
+            f"inspect_bench: avdiag.inspect is not available: {why}.\n"
             "inspect_bench: run with --stand-in to self-test the harness.",
             file=sys.stderr,
         )
@@ -639,7 +639,7 @@ def main_parent(args) -> int:
         print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
         print("PASS: every gating check passed" if all_pass else "FAIL: a gating check failed")
         if args.stand_in:
-            print("NOTE: B and C were the harness stand-in, not avdiag.inspect_checkpoint.")
+            print("NOTE: B and C were the harness stand-in, not avdiag.inspect.")
         if args.json:
             doc = {
                 "config": {"size_gb": args.size_gb, "repeats": args.repeats, "formats": formats, "seed": args.seed,
@@ -670,7 +670,7 @@ def main_parent(args) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Time avdiag.inspect_checkpoint (with and without the file hash) against a bare load "
+        description="Time avdiag.inspect (with and without the file hash) against a bare load "
         "that touches every tensor."
     )
     p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in GB (default 1.0)")

@@ -56,8 +56,9 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     audio-visual checkpoints."""
 
 
-def command(name: str | None = None):
-    """Register a command; it also takes ``--debug`` (as ``avdiag CMD ... --debug``)."""
+def command(name: str | None = None, group: typer.Typer | None = None):
+    """Register a command on the app (or on a sub-command ``group``); it also takes ``--debug``
+    (as ``avdiag CMD ... --debug``), and its usage shows plain metavars."""
     import functools
     import inspect
 
@@ -74,7 +75,7 @@ def command(name: str | None = None):
         del wrapper.__wrapped__
         wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug])
         wrapper.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()}, "debug": DebugOpt}
-        app.command(name)(wrapper)
+        (group or app).command(name)(wrapper)
         return func
 
     return register
