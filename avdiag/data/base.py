@@ -166,6 +166,10 @@ class _FailedBatch(dict):
         super().__init__()
         self.message = message
 
+    def pin_memory(self) -> "_FailedBatch":
+        """Nothing to pin: the loader's pin-memory step passes the failure (and its message) on."""
+        return self
+
 
 class _Guarded(Dataset):
     def __init__(self, dataset: Dataset):
@@ -221,9 +225,16 @@ def sample_indices(n: int, limit: int | None = None, seed: int = 0) -> list[int]
     return torch.randperm(n, generator=gen)[: min(int(limit), n)].tolist()
 
 
+def pins_memory(device: str | torch.device | None) -> bool:
+    """Whether batches bound for ``device`` are worth pinning: only for a CUDA device (page-locked
+    host memory lets the copy to the GPU run asynchronously, overlapping with compute)."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
-                limit: int | None = None, seed: int = 0) -> DataLoader:
-    """A deterministic DataLoader over ``dataset`` (see the module docstring)."""
+                limit: int | None = None, seed: int = 0, device: str | torch.device | None = None) -> DataLoader:
+    """A deterministic DataLoader over ``dataset`` (see the module docstring). ``device``: where the
+    batches go; for a CUDA device they come in pinned memory."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
@@ -234,8 +245,8 @@ def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
     indices = sample_indices(n, limit, seed)
     source: Dataset = _Guarded(dataset) if num_workers > 0 else dataset
     subset = torch.utils.data.Subset(source, indices)
-    return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False,
-                        num_workers=int(num_workers), collate_fn=collate, drop_last=False)
+    return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
+                        collate_fn=collate, drop_last=False, pin_memory=pins_memory(device))
 
 
 _ALIASES = {"audio": ("audio",), "visual": ("visual", "video", "image"), "label": ("label", "target")}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect as pyinspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ class ResolvedModel:
     spec: ArchSpec | None = None
     name_prefix: str = ""  # prepended to module names to get checkpoint layer names
     static_batch: int | None = None  # exported programs traced with a fixed batch size
+    program: Any = None  # the torch.export ExportedProgram behind ``module`` (graph:torch-export)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
         names = self.inputs
@@ -42,9 +45,25 @@ class ResolvedModel:
         except AvdiagError:
             raise
         except Exception as e:  # the user's model rejecting the data is an input problem, said in one line
+            if is_out_of_memory(e):
+                raise out_of_memory_error(e, _batch_size(batch, args)) from e
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, args))
             raise ModelError(f"the model ({self.source}) failed on a batch of {shapes}: {type(e).__name__}: "
                              f"{str(e).strip() or 'no message'} (check --model / --visual-layout)") from e
+
+    def to(self, device: torch.device | str) -> nn.Module:
+        """Put the model on ``device`` and return its module. An exported program goes through
+        torch.export's device pass, which also rewrites the device arguments its graph carries
+        (``torch.ones(..., device="cpu")`` traced into the program), then is unlifted again."""
+        device = _canonical(torch.device(device))
+        with out_of_memory_as_error():
+            if self.program is not None:
+                if _program_device(self.program) != device:
+                    self.program = _move_program(self.program, device)
+                    self.module = self.program.module()
+                return self.module
+            self.module = self.module.to(device)
+        return self.module
 
     def _forward(self, args: list[torch.Tensor]) -> Any:
         if self.static_batch is None or args[0].shape[0] == self.static_batch:
@@ -54,6 +73,65 @@ class ResolvedModel:
             raise ModelError(f"the exported program takes batches of exactly {step}; use a --batch-size and "
                              f"--limit divisible by {step}, or export with a dynamic batch dimension")
         return [self.module(*[a[i:i + step] for a in args]) for i in range(0, n, step)]
+
+
+# ---- running out of memory ---------------------------------------------------------------------
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "alloc_failed")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocator running out of memory (CUDA, cuBLAS/cuDNN workspaces, the CPU)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _OOM_MARKERS)
+
+
+def out_of_memory_error(e: BaseException, batch_size: int | None = None) -> ModelError:
+    """The one-line error for ``e``: which memory ran out and what to reduce."""
+    gpu = isinstance(e, torch.OutOfMemoryError) or "cuda" in str(e).lower()
+    size = f" (now {batch_size})" if batch_size else ""
+    where = f" on a batch of {batch_size} samples" if batch_size else ""
+    advice = f"reduce --batch-size{size} or --limit" + (", or run on --device cpu" if gpu else "")
+    return ModelError(f"out of {'GPU' if gpu else 'host'} memory{where}: {advice}")
+
+
+@contextmanager
+def out_of_memory_as_error(batch_size: int | None = None) -> Iterator[None]:
+    """Turn running out of memory inside the block into :func:`out_of_memory_error`'s ModelError."""
+    try:
+        yield
+    except AvdiagError:
+        raise
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory_error(e, batch_size) from e
+        raise
+
+
+def _canonical(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``, the way tensors report their device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _program_device(program: Any) -> torch.device | None:
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+
+
+def _move_program(program: Any, device: torch.device) -> Any:
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device)
+
+
+def _batch_size(batch: dict[str, torch.Tensor], args: list[torch.Tensor]) -> int | None:
+    label = batch.get("label")
+    if isinstance(label, torch.Tensor) and label.dim() == 1:
+        return int(label.shape[0])
+    return int(args[0].shape[0]) if args and args[0].dim() else None
 
 
 def adapt_input(batch: dict[str, torch.Tensor], name: str, visual_layout: str) -> torch.Tensor:
@@ -176,4 +254,4 @@ def _from_export(ckpt: Checkpoint) -> ResolvedModel:
     inputs = ("image",) if len(user_inputs) == 1 else ("audio", "visual")[:len(user_inputs)]
     batch = user_inputs[0].meta.get("val").shape[0] if user_inputs and "val" in user_inputs[0].meta else None
     static = batch if isinstance(batch, int) else None
-    return ResolvedModel(module, "graph:torch-export", inputs, static_batch=static)
+    return ResolvedModel(module, "graph:torch-export", inputs, static_batch=static, program=program)

@@ -1,56 +1,137 @@
-"""Exact running per-channel mean and variance of activations, cheap on CPU and GPU alike."""
+"""Exact per-channel mean and variance of activations, cheap on CPU and GPU alike.
+
+Per batch only the large reductions run, over the last axis of a (B, C, P) activation, and their
+(B, C) results are kept on the device: each (b, c) row is shifted by its own first value (so a
+constant channel gives exactly zero variance and |mean| >> std loses nothing to cancellation), then
+summed and its Euclidean norm taken in float32. That is four kernels a batch and no host
+synchronisation. The kept rows are merged in float64 once, when they are read or when enough of
+them are pending (so memory stays bounded): per row mean and centred sum of squares, then Chan et
+al.'s pairwise formula over rows and over folds.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+# Rows x channels kept per statistic before they are merged: bounds the memory a layer holds
+# (1 MiB per float32 statistic) while merging rarely (every 16..256 batches for typical layers).
+FOLD_ELEMENTS = 1 << 18
 
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and centred sum of squares of a float (B, C, P) tensor, in float64.
 
-    Each (b, c) row is shifted by its first value and summed in float32, so a constant channel
-    gives exactly zero variance and |mean| >> std loses nothing to cancellation; the rows are then
-    merged over the batch with Chan et al.'s pairwise formula. (float64 reductions and
-    torch.var_mean over full activations run several times slower on CPU.)
-    """
-    p = x.shape[2]
-    shift = x[:, :, :1]
-    d = x - shift
-    sum_d = d.sum(dim=2).double()
-    sq = torch.linalg.vector_norm(d, dim=2).double().square()
-    mean_bc = shift[:, :, 0].double() + sum_d / p
-    m2_bc = (sq - sum_d.square() / p).clamp_min(0)
-    mean = mean_bc.mean(dim=0)
-    return mean, m2_bc.sum(dim=0) + p * (mean_bc - mean).square().sum(dim=0)
+@dataclass
+class Moments:
+    """Count, mean and centred sum of squares (M2) per channel, in float64."""
+
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan et al.'s pairwise update: the moments of both sets of positions together."""
+        if self.n == 0:
+            return other
+        if other.n == 0:
+            return self
+        total = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / total)
+        m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / total)
+        return Moments(total, mean, m2)
+
+
+def row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (b, c) row of a (B, C, P) floating activation: its first value (the shift, a copy) and
+    the sum and Euclidean norm of the row minus its shift, in float32 (float64 for a float64 ``x``;
+    a float16/bfloat16 ``x`` is promoted by the subtraction, with no cast of its own)."""
+    shift = x[:, :, 0].to(torch.promote_types(x.dtype, torch.float32), copy=True)
+    d = x - shift.unsqueeze(2)
+    return shift, d.sum(dim=2), torch.linalg.vector_norm(d, dim=2)
+
+
+def rows_to_moments(shift: torch.Tensor, total: torch.Tensor, norm: torch.Tensor, p: int) -> Moments:
+    """Merge (R, C) row sums of rows of ``p`` positions each into per-channel moments (float64)."""
+    total = total.double()
+    mean_rows = shift.double() + total / p
+    m2_rows = (norm.double().square() - total.square() / p).clamp_min(0)
+    mean = mean_rows.mean(dim=0)
+    m2 = m2_rows.sum(dim=0) + p * (mean_rows - mean).square().sum(dim=0)
+    return Moments(p * shift.shape[0], mean, m2)
+
+
+class PendingRows:
+    """(B, C) per-batch row statistics kept as they come, grouped by positions per row."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.groups: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.elements = 0
+
+    def add(self, p: int, **rows: torch.Tensor) -> None:
+        group = self.groups.setdefault(p, {name: [] for name in self.names})
+        for name in self.names:
+            group[name].append(rows[name])
+        first = rows[self.names[0]]
+        self.elements += first.numel()
+
+    @property
+    def full(self) -> bool:
+        return self.elements >= FOLD_ELEMENTS
+
+    def take(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every pending group, each statistic's rows concatenated; nothing is left pending."""
+        out = {p: {name: torch.cat(rows) for name, rows in group.items()} for p, group in self.groups.items()}
+        self.groups.clear()
+        self.elements = 0
+        return out
 
 
 class RunningMoments:
-    """Mean and population variance per channel over every batch added (on the tensors' device)."""
+    """Mean and population variance per channel over every batch added (on the tensors' device).
+
+    ``add`` queues the batch's row sums; they are merged (float64) when ``mean``, ``m2`` or
+    ``variance`` is read, or when enough are pending.
+    """
 
     def __init__(self) -> None:
         self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+        self._merged: Moments | None = None
+        self._pending = PendingRows(("shift", "total", "norm"))
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add a (B, C, ...) activation."""
         x = x.detach()
         x = x.reshape(x.shape[0], x.shape[1], -1)
-        if x.dtype not in (torch.float32, torch.float64):
+        if not x.is_floating_point():
             x = x.float()
-        n = x.shape[0] * x.shape[2]
-        if n == 0:
+        if x.shape[0] * x.shape[2] == 0:
             return
-        mean, m2 = batch_moments(x)
-        if self.mean is None:
-            self.mean, self.m2 = mean, m2
-        else:
-            total = self.n + n
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (n / total)
-            self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n += n
+        self.add_rows(x.shape[2], *row_sums(x))
+
+    def add_rows(self, p: int, shift: torch.Tensor, total: torch.Tensor, norm: torch.Tensor) -> None:
+        """Queue (B, C) row sums (:func:`row_sums`) of rows of ``p`` positions each."""
+        self._pending.add(p, shift=shift, total=total, norm=norm)
+        self.n += p * shift.shape[0]
+        if self._pending.full:
+            self._fold()
+
+    def _fold(self) -> Moments | None:
+        for p, rows in self._pending.take().items():
+            part = rows_to_moments(rows["shift"], rows["total"], rows["norm"], p)
+            self._merged = part if self._merged is None else self._merged.merge(part)
+        return self._merged
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        merged = self._fold()
+        return merged.mean if merged is not None else None
+
+    @property
+    def m2(self) -> torch.Tensor | None:
+        merged = self._fold()
+        return merged.m2 if merged is not None else None
 
     @property
     def variance(self) -> torch.Tensor:

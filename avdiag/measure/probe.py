@@ -2,15 +2,19 @@
 
 Statistics accumulate on the model's device with no per-batch host synchronisation and no
 activation kept: per channel, the count of positions where the BN output exceeds the activation's
-threshold (0 for ReLU-like activations, -3 for hardswish), and the mean, variance and max of the
-BN output. Eval mode throughout; optional autocast on GPU.
+threshold (0 for ReLU-like activations, -3 for hardswish), the count of inf/NaN outputs, and the
+mean, variance and max of the BN output. Per batch only a few large reductions run over the last
+axis of each BN output; their (batch, channel) results are merged once, at the end (or when
+enough are pending), in float64. Eval mode throughout, TF32 off unless asked for, optional autocast
+on GPU (bfloat16 where supported, else float16).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +22,14 @@ import torch
 from torch import nn
 
 from avdiag.locate import BNLayer
-from avdiag.measure.moments import RunningMoments
-from avdiag.measure.thresholds import ProbeThresholds
-from avdiag.locate.resolve import ResolvedModel
+from avdiag.locate.resolve import ResolvedModel, out_of_memory_as_error
+from avdiag.measure.moments import PendingRows, RunningMoments, row_sums
+from avdiag.measure.precision import amp_active, amp_dtype_name, autocast, full_fp32
+from avdiag.measure.thresholds import ProbeThresholds  # noqa: F401  (re-exported: probe thresholds live here too)
+
+# Verdicts that rest on the output's standard deviation: under autocast the BN outputs are rounded
+# to 8 (bfloat16) or 11 (float16) significant bits, so a std near the 1e-3 threshold is approximate.
+STD_VERDICTS = ("measured_constant_channels",)
 
 
 @dataclass
@@ -30,6 +39,15 @@ class ChannelActivity:
     std: np.ndarray
     max: np.ndarray
     positions: int  # positions per channel seen (batch x spatial)
+    nonfinite: np.ndarray | None = None  # per channel, how many outputs were inf or NaN
+
+    @property
+    def nonfinite_count(self) -> np.ndarray:
+        return self.nonfinite if self.nonfinite is not None else np.zeros(len(self.fire_rate), dtype=np.int64)
+
+    @property
+    def nonfinite_rate(self) -> np.ndarray:
+        return self.nonfinite_count / max(self.positions, 1)
 
 
 @dataclass
@@ -41,42 +59,85 @@ class ProbeRun:
     model_source: str
     amp: bool
     missing_layers: list[str] = field(default_factory=list)  # BN layers the model never ran
+    amp_dtype: str | None = None  # "bfloat16" / "float16" when autocast ran
+    tf32: bool = False  # TF32 matmuls / convolutions were allowed (the user opted in)
+
+    def precision_dict(self) -> dict:
+        """How precisely the run measured: ``amp`` (autocast ran), ``amp_dtype``, ``tf32``."""
+        return {"amp": self.amp, "amp_dtype": self.amp_dtype, "tf32": self.tf32}
 
 
 class _Accumulator:
-    """Per-layer running statistics on the device; nothing leaves it until `result()`."""
+    """Per-layer statistics on the device; nothing leaves it until `result()`.
+
+    Per batch: the fire count, max and non-finite count of every (batch, channel) row, and the row
+    sums of :func:`avdiag.measure.moments.row_sums`; all kept as (B, C) tensors and merged later.
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         self.moments = RunningMoments()
+        self._rows = PendingRows(("fire", "peak", "nonfinite"))
         self.fire: torch.Tensor | None = None
         self.peak: torch.Tensor | None = None
+        self.nonfinite: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(self, out: torch.Tensor) -> None:
         x = out.detach()
         x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, C, positions)
-        if x.dtype != torch.float32:
+        if not x.is_floating_point():
             x = x.float()
-        # int32 counts and last-axis-first reductions: int64 / (0, 2)-axis ones run slower on CPU.
-        fire = x.gt(self.threshold).sum(dim=2, dtype=torch.int32).sum(dim=0)
-        peak = x.amax(dim=2).amax(dim=0)
-        if self.fire is None:
-            self.fire, self.peak = fire.long(), peak
-        else:
-            self.fire += fire
-            torch.maximum(self.peak, peak, out=self.peak)
-        self.moments.add(x)
+        p = x.shape[2]
+        if x.shape[0] * p == 0:
+            return
+        shift, total, norm = row_sums(x)
+        # int32 counts over the last axis: int64 / (0, 2)-axis ones run slower on CPU.
+        fire = x.gt(self.threshold).sum(dim=2, dtype=torch.int32)
+        self._rows.add(p, fire=fire, peak=x.amax(dim=2), nonfinite=_count_nonfinite(x, total))
+        self.moments.add_rows(p, shift, total, norm)
+        if self._rows.full:
+            self._fold()
+
+    def _fold(self) -> None:
+        for rows in self._rows.take().values():
+            fire = rows["fire"].sum(dim=0, dtype=torch.int64)
+            nonfinite = rows["nonfinite"].sum(dim=0, dtype=torch.int64)
+            peak = rows["peak"].amax(dim=0).float()
+            if self.fire is None:
+                self.fire, self.peak, self.nonfinite = fire, peak, nonfinite
+            else:  # not in place: the totals may be inference tensors, read outside inference mode
+                self.fire = self.fire + fire
+                self.nonfinite = self.nonfinite + nonfinite
+                self.peak = torch.maximum(self.peak, peak)  # NaN propagates, as it should
 
     @property
     def positions(self) -> int:
         return self.moments.n
 
     def result(self) -> ChannelActivity:
+        self._fold()
         n = max(self.positions, 1)
         std = self.moments.variance.clamp_min(0).sqrt()
         return ChannelActivity((self.fire.double() / n).cpu().numpy(), self.moments.mean.cpu().numpy(),
-                               std.cpu().numpy(), self.peak.cpu().numpy().astype(np.float64), self.positions)
+                               std.cpu().numpy(), self.peak.cpu().numpy().astype(np.float64), self.positions,
+                               self.nonfinite.cpu().numpy())
+
+
+def _count_nonfinite(x: torch.Tensor, row_total: torch.Tensor, eager: bool | None = None) -> torch.Tensor:
+    """Per (b, c) row, how many values are inf or NaN (int32).
+
+    ``eager`` (the default on a GPU): counted for every batch (``x - x`` is NaN exactly where ``x``
+    is not finite), without a host synchronisation. Otherwise (the CPU, where looking costs nothing)
+    counted only for a batch whose row sums show a non-finite value: a row holding one always sums to
+    inf or NaN (and one whose finite sums overflow is counted too, finding none). Both give the same
+    counts.
+    """
+    if eager is None:
+        eager = x.device.type != "cpu"
+    if not eager and math.isfinite(float(row_total.sum())):
+        return torch.zeros(row_total.shape, dtype=torch.int32, device=row_total.device)
+    return (x - x).isnan().sum(dim=2, dtype=torch.int32)
 
 
 def activation_threshold(layer: BNLayer) -> float:
@@ -84,30 +145,40 @@ def activation_threshold(layer: BNLayer) -> float:
 
 
 def probe(resolved: ResolvedModel, layers: list[BNLayer], batches: Iterable[dict[str, torch.Tensor]],
-          device: torch.device, amp: bool = False, progress: Callable[[int], None] | None = None) -> ProbeRun:
-    """Run ``resolved`` over ``batches`` and measure every BN layer in ``layers``."""
+          device: torch.device, amp: bool = False, progress: Callable[[int], None] | None = None, *,
+          tf32: bool = False) -> ProbeRun:
+    """Run ``resolved`` over ``batches`` and measure every BN layer in ``layers``.
+
+    ``amp``: autocast on CUDA (bfloat16 where the GPU supports it, else float16); the std-based
+    verdicts are then approximate (:func:`avdiag.measure.activity.approximate_verdicts`).
+    ``tf32``: allow TF32 matmuls and convolutions (off by default: the measurement runs in full
+    float32). Running out of memory is a one-line ModelError saying what to reduce.
+    """
+    device = torch.device(device)
     accumulators = {layer.name: _Accumulator(activation_threshold(layer)) for layer in layers}
-    model = resolved.module.to(device)
-    if not isinstance(model, torch.fx.GraphModule):  # exported programs are traced in eval mode already
-        model.eval()
     samples = n_batches = 0
-    autocast = torch.autocast(device.type) if amp and device.type == "cuda" else nullcontext()
-    with ExitStack() as stack, torch.inference_mode():
+    with ExitStack() as stack:
+        stack.enter_context(out_of_memory_as_error())
+        model = resolved.to(device)
+        if not isinstance(model, torch.fx.GraphModule):  # exported programs are traced in eval mode already
+            model.eval()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(full_fp32(device, enabled=not tf32))
         found = _instrument(model, resolved.name_prefix, accumulators, stack)
         for batch in batches:
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            with autocast:
+            with autocast(device, amp):
                 resolved(inputs)
             samples += len(batch["label"])
             n_batches += 1
             if progress:
                 progress(len(batch["label"]))
-    activity = {name: acc.result() for name, acc in accumulators.items() if acc.positions}
+        activity = {name: acc.result() for name, acc in accumulators.items() if acc.positions}
     missing = sorted(set(accumulators) - set(activity))
     if found == 0:
         missing = sorted(accumulators)
-    return ProbeRun(activity, samples, n_batches, str(device), resolved.source, amp and device.type == "cuda",
-                    missing)
+    return ProbeRun(activity, samples, n_batches, str(device), resolved.source, amp_active(device, amp),
+                    missing, amp_dtype_name(device, amp), tf32)
 
 
 def _instrument(model: nn.Module, prefix: str, accumulators: dict[str, _Accumulator], stack: ExitStack) -> int:

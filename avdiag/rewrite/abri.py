@@ -42,7 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from avdiag.locate.resolve import out_of_memory_as_error
 from avdiag.measure.moments import RunningMoments
+from avdiag.measure.precision import full_fp32
 
 __all__ = [
     "ABRiBatchNorm2d",
@@ -320,18 +322,46 @@ class MergeReport:
                 "positions": dict(self.positions), "batches": self.batches, "unreached": list(self.unreached)}
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (or buffer) lives; CPU for a model without either."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (also inside dicts, lists and tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(batch_to(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)`` with the batch's tensors moved to the model's device first."""
+    return model(batch_to(batch, model_device(model)))
+
+
 def _collect_input_stats(model: nn.Module, layers: list[tuple[str, ABRiBatchNorm2d]], loader: Iterable,
-                         forward: Callable[[nn.Module, Any], Any]) -> tuple[dict[int, RunningMoments], int]:
-    """Run ``forward(model, batch)`` over ``loader`` in eval mode without gradients, recording the
-    input of every ABRi layer; every module's train/eval flag is restored afterwards."""
+                         forward: Callable[[nn.Module, Any], Any],
+                         tf32: bool = False) -> tuple[dict[int, RunningMoments], int]:
+    """Run ``forward(model, batch)`` over ``loader`` in eval mode without gradients (full float32
+    unless ``tf32``), recording the input of every ABRi layer; every module's train/eval flag is
+    restored afterwards."""
     moments = {id(m): RunningMoments() for _, m in layers}
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_pre_hook(lambda _m, args, acc=moments[id(m)]: acc.add(args[0]))
                for _, m in layers]
     n_batches = 0
+    device = model_device(model)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), full_fp32(device, enabled=not tf32), out_of_memory_as_error():
             for batch in loader:
                 forward(model, batch)
                 n_batches += 1
@@ -389,8 +419,8 @@ def _merged_bn(module: ABRiBatchNorm2d, stats: tuple[torch.Tensor, torch.Tensor]
     return bn
 
 
-def merge(model: nn.Module, loader: Iterable | None = None,
-          forward: Callable[[nn.Module, Any], Any] | None = None) -> tuple[nn.Module, MergeReport]:
+def merge(model: nn.Module, loader: Iterable | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
+          *, tf32: bool = False) -> tuple[nn.Module, MergeReport]:
     """Fold every :class:`ABRiBatchNorm2d` of ``model`` back into a plain ``nn.BatchNorm2d``, in place.
 
     Feng, Xia, Hu 2023 ("Revisiting Pre-training in Audio-Visual Learning") publish no merge; this
@@ -399,7 +429,8 @@ def merge(model: nn.Module, loader: Iterable | None = None,
 
     * ``loader`` given: the per-channel mean and population variance of each ABRi layer's *input*,
       exact over every batch of ``loader``, run in eval mode through ``forward(model, batch)``
-      (default ``model(batch)``). Training-mode batch statistics then match the running ones, so
+      (default ``model(batch)`` with the batch's tensors moved to the model's device; full float32
+      on CUDA unless ``tf32``). Training-mode batch statistics then match the running ones, so
       the merged layer behaves like the pair's eval output when fine-tuning resumes. A layer the
       loader never reaches keeps the pretrained branch's statistics (``report.unreached``).
     * no ``loader``: the pretrained branch's running statistics.
@@ -415,7 +446,7 @@ def merge(model: nn.Module, loader: Iterable | None = None,
     n_batches = 0
     if loader is not None:
         moments, n_batches = _collect_input_stats(model, layers, loader,
-                                                  forward if forward is not None else (lambda m, b: m(b)))
+                                                  forward if forward is not None else default_forward, tf32)
     report = MergeReport(stats="pretrained" if loader is None else "data", batches=n_batches)
     merged: dict[int, nn.Module] = {}
     for name, module in layers:

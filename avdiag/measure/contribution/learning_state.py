@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from avdiag.locate.resolve import ResolvedModel
+from avdiag.locate.resolve import ResolvedModel, out_of_memory_as_error
 from avdiag.measure.contribution.passes import MODALITIES, run
 from avdiag.measure.contribution.table import (
     disjoint_index, feature_matrix, index_order, int_column, json_column,
 )
+from avdiag.measure.precision import full_fp32
 from avdiag.models.parts import AVParts
 from avdiag.results import finite
 
@@ -70,9 +71,10 @@ def cluster_purity(features: np.ndarray, labels: np.ndarray, k: int, seed: int =
 
 
 def encoder_features(resolved: ResolvedModel, prefixes: dict[str, str], batches: Iterable[dict],
-                     device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled output of each modality's encoder (eval mode, forward hooks), and the labels."""
-    model = resolved.module.to(device).eval()
+                     device: torch.device, *, tf32: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pooled output of each modality's encoder (eval mode, forward hooks, full float32 unless
+    ``tf32``), and the labels."""
+    model = resolved.to(device).eval()
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in prefixes}
     labels = []
     handles = []
@@ -82,9 +84,9 @@ def encoder_features(resolved: ResolvedModel, prefixes: dict[str, str], batches:
         handles.append(module.register_forward_hook(
             lambda _m, _i, out, m=modality: feats[m].append(_pool(out, frames["t"] if m == "visual" else 1))))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32(device, enabled=not tf32), out_of_memory_as_error():
             for batch in batches:
-                inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 frames["t"] = inputs["visual"].shape[2] if "visual" in inputs else 1
                 resolved(inputs)
                 labels.append(batch["label"].cpu())
@@ -278,14 +280,14 @@ class LearningStateResult:
 
 def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
             heldout_batches: Iterable[dict] | None = None, k: int | None = None, lam: float = RELEARN_LAMBDA,
-            seed: int = 0) -> LearningStateResult:
+            seed: int = 0, tf32: bool = False) -> LearningStateResult:
     """The learning state of each modality on ``batches`` against ``heldout_batches`` (eval mode);
     ``k`` defaults to the number of classes of the fused head."""
     train = FeatureCollector()
-    run(parts, batches, device, [train])
+    run(parts, batches, device, [train], tf32=tf32)
     heldout = None
     if heldout_batches is not None:
         held = FeatureCollector()
-        run(parts, heldout_batches, device, [held], empty="the held-out data has no batches")
+        run(parts, heldout_batches, device, [held], empty="the held-out data has no batches", tf32=tf32)
         heldout = held.result()
     return LearningStateResult.from_features(train.result(), heldout, k or train.n_classes, lam, seed)

@@ -90,8 +90,9 @@ class GapCollector:
         return ModalityGap.from_sums({m: s.cpu().numpy() for m, s in self.sums.items()}, self.n, self.dims)
 
 
-def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu") -> ModalityGap:
+def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
+            tf32: bool = False) -> ModalityGap:
     """The modality gap over ``batches`` (eval mode, no gradients)."""
     collector = GapCollector()
-    run(parts, batches, device, [collector])
+    run(parts, batches, device, [collector], tf32=tf32)
     return collector.result()

@@ -130,6 +130,6 @@ class OGMResult:
 
 
 def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
-            alpha: float = OGM_ALPHA) -> OGMResult:
+            alpha: float = OGM_ALPHA, tf32: bool = False) -> OGMResult:
     """OGM-GE's scores and coefficients over ``batches`` (eval mode, no gradients)."""
-    return OGMResult(alpha, as_batch_scores(unimodal.measure(parts, batches, device).batch_scores))
+    return OGMResult(alpha, as_batch_scores(unimodal.measure(parts, batches, device, tf32=tf32).batch_scores))

@@ -91,7 +91,7 @@ class OPMResult:
 
 def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
             q_base: float = OPM_Q_BASE, lam: float = OPM_LAMBDA,
-            execute_probability: float = OPM_EXECUTE_PROBABILITY) -> OPMResult:
+            execute_probability: float = OPM_EXECUTE_PROBABILITY, tf32: bool = False) -> OPMResult:
     """OPM's drop probabilities over ``batches`` (eval mode, no gradients)."""
-    scores = unimodal.measure(parts, batches, device).batch_scores
+    scores = unimodal.measure(parts, batches, device, tf32=tf32).batch_scores
     return OPMResult(q_base, lam, execute_probability, as_batch_scores(scores))

@@ -109,22 +109,24 @@ class ContributionPartial:
 
 def contribution_partial(parts: AVParts, batches: Iterable[dict], device: torch.device | str,
                          heldout_batches: Iterable[dict] | None = None, *, input_ablation: bool = True,
-                         keep_features: bool = True) -> ContributionPartial:
+                         keep_features: bool = True, tf32: bool = False) -> ContributionPartial:
     """Measure one shard (eval mode, no gradients); combine shards with ContributionPartial.combine.
 
     ``input_ablation`` adds the raw-input-zeroed Shapley values (one extra encoder pass on a single
     zero sample per batch). ``keep_features=False`` skips the learning state (which needs every
     pooled feature; ``heldout_batches`` are then not read); the modality gap comes from running
     sums and is always computed. Empty ``batches`` or ``heldout_batches`` raise ValueError.
+    ``tf32`` allows TF32 matmuls and convolutions on CUDA (off by default: full float32).
     """
     shapley, unimodal, gap = ShapleyCollector("feature"), UnimodalCollector(), GapCollector()
     shapley_input = ShapleyCollector("input") if input_ablation else None
     features = FeatureCollector() if keep_features else None
-    run(parts, batches, device, [c for c in (shapley, shapley_input, unimodal, gap, features) if c is not None])
+    collectors = [c for c in (shapley, shapley_input, unimodal, gap, features) if c is not None]
+    run(parts, batches, device, collectors, tf32=tf32)
     heldout = None
     if heldout_batches is not None and keep_features:
         held = FeatureCollector()
-        run(parts, heldout_batches, device, [held], empty="the held-out data has no batches")
+        run(parts, heldout_batches, device, [held], empty="the held-out data has no batches", tf32=tf32)
         heldout = held.result()
     return ContributionPartial(shapley.result(), shapley_input.result() if shapley_input else None,
                                unimodal.result(parts.unimodal_source), gap.result(),
@@ -136,11 +138,11 @@ def measure_contribution(parts: AVParts, batches: Iterable[dict], device: torch.
                          seed: int = 0, *, input_ablation: bool = True, keep_features: bool = True,
                          opm_q_base: float = OPM_Q_BASE, opm_lambda: float = OPM_LAMBDA,
                          opm_execute_probability: float = OPM_EXECUTE_PROBABILITY,
-                         relearn_lambda: float = RELEARN_LAMBDA) -> Contribution:
+                         relearn_lambda: float = RELEARN_LAMBDA, tf32: bool = False) -> Contribution:
     """Shapley valuation (both value functions; feature and, by default, input ablation), OGM-GE,
     OPM, uni-modal and fused accuracies, learning state and modality gap over ``batches``.
     Equal to ``contribution_partial(...).result(...)``."""
     partial = contribution_partial(parts, batches, device, heldout_batches, input_ablation=input_ablation,
-                                   keep_features=keep_features)
+                                   keep_features=keep_features, tf32=tf32)
     return partial.result(ogm_alpha, seed=seed, opm_q_base=opm_q_base, opm_lambda=opm_lambda,
                           opm_execute_probability=opm_execute_probability, relearn_lambda=relearn_lambda)

@@ -1,8 +1,10 @@
 """Running the model over batches for the contribution measures: eval mode under
 ``torch.inference_mode`` (no gradients, BatchNorm on its running statistics), every module's own
-train/eval flag restored afterwards. The encoders run once per batch; each measure's *collector*
-then takes what it needs from the batch and its pooled features, keeping its per-batch results on
-the device until the end (no per-batch synchronisation)."""
+train/eval flag restored afterwards, in full float32 (TF32 off unless ``tf32=True``). The encoders
+run once per batch; each measure's *collector* then takes what it needs from the batch and its
+pooled features, keeping its per-batch results on the device until the end (no per-batch host
+synchronisation: batches are copied with ``non_blocking``, which overlaps with compute when the
+loader pins memory)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from avdiag.errors import DataError
+from avdiag.locate.resolve import out_of_memory_as_error
+from avdiag.measure.precision import full_fp32
 from avdiag.models.parts import AVParts
 
 MODALITIES = ("audio", "visual")
@@ -61,20 +65,22 @@ def batch_index(batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
 
 
 def run(parts: AVParts, batches: Iterable[dict], device: torch.device | str, collectors: Sequence[Collector],
-        empty: str = "no batches to measure") -> int:
+        empty: str = "no batches to measure", *, tf32: bool = False) -> int:
     """Move the model to ``device`` and feed every batch, with its pooled features, to each collector;
-    the number of samples. ValueError(``empty``) when there is no batch."""
+    the number of samples. ValueError(``empty``) when there is no batch; running out of memory is a
+    one-line ModelError. ``tf32``: allow TF32 matmuls and convolutions (off: full float32)."""
     device = torch.device(device)
-    parts.model.to(device)
     seen = 0
-    with evaluating(parts.model):
-        for raw in batches:
-            batch = to_device(raw, device)
-            index = batch_index(batch, seen)
-            seen += int(index.shape[0])
-            feats = parts.features(batch)
-            for collector in collectors:
-                collector.add(parts, batch, feats, index)
+    with out_of_memory_as_error():
+        parts.model.to(device)
+        with evaluating(parts.model), full_fp32(device, enabled=not tf32):
+            for raw in batches:
+                batch = to_device(raw, device)
+                index = batch_index(batch, seen)
+                seen += int(index.shape[0])
+                feats = parts.features(batch)
+                for collector in collectors:
+                    collector.add(parts, batch, feats, index)
     if not seen:
         raise ValueError(empty)
     return seen

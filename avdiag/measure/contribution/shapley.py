@@ -197,10 +197,10 @@ class ShapleyCollector:
 
 
 def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
-            ablation: str = "feature") -> ShapleyValues:
+            ablation: str = "feature", tf32: bool = False) -> ShapleyValues:
     """Per-sample Shapley values of every sample of ``batches`` (eval mode, no gradients)."""
     collector = ShapleyCollector(ablation)
-    run(parts, batches, device, [collector])
+    run(parts, batches, device, [collector], tf32=tf32)
     return collector.result()
 
 

@@ -115,7 +115,8 @@ class UnimodalCollector:
             self._put(f"correct:{m}", ok)
             self._put(f"probability:{m}", p)
             sums.append(p.double().sum())
-        size = torch.tensor(float(label.shape[0]), dtype=torch.float64, device=label.device)
+        # torch.full, not torch.tensor: a tensor built from a host value is a blocking copy (a sync).
+        size = torch.full((), label.shape[0], dtype=torch.float64, device=label.device)
         self.batch_scores.append(torch.stack((*sums, size, index.min().double())))
         self.n_classes = int(uni["audio"].shape[-1])
 
@@ -128,8 +129,9 @@ class UnimodalCollector:
             torch.stack(self.batch_scores).cpu().numpy().reshape(-1, 4))
 
 
-def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu") -> UnimodalPredictions:
+def measure(parts: AVParts, batches: Iterable[dict], device: torch.device | str = "cpu", *,
+            tf32: bool = False) -> UnimodalPredictions:
     """The uni-modal predictions on every sample of ``batches`` (eval mode, no gradients)."""
     collector = UnimodalCollector()
-    run(parts, batches, device, [collector])
+    run(parts, batches, device, [collector], tf32=tf32)
     return collector.result(parts.unimodal_source)

@@ -1,0 +1,588 @@
+#!/usr/bin/env python
+"""GPU smoke check (issue 16): every CUDA path avdiag has, against its CPU twin, in a few minutes.
+
+On one GPU, with small sizes (a seeded OGM-GE classifier, ResNet-18 encoders at ``--width`` 32, on
+``--samples`` 128 synthetic samples in batches of 32), it runs:
+
+1. ``inspect --data`` on cpu, cuda, and cuda ``--amp``: fire rates, output std and the verdict sets
+   (measured dead, constant, non-finite) compared; the planted dead and constant channels must be
+   found by every run.
+2. ``conflict`` on cpu and cuda (TF32 off, the default), and on cuda with ``--tf32`` where the CLI
+   has that opt-in: per-batch and per-sample cosines compared, and sign flips of ``cos <= 0``.
+3. ``reinit`` ``recalibrate``, ``relearn`` and ``abri --stats data`` on cpu and cuda: the written
+   tensors compared.
+4. ``check --data``: cpu against cuda ``--amp``: same status and same rule ids.
+5. ``conflict`` under torchrun, 2 processes, on cpu and on cuda: equal to the one-process run.
+6. ``benchmarks/probe_bench.py`` (plain and ``--amp``) and ``benchmarks/conflict_bench.py`` with
+   ``--device cuda``: their exit status and figures.
+
+Everything goes into ONE summary JSON (``--json``, default ``gpu_smoke.json`` in ``--out``): per
+step its time and error, per comparison its value, tolerance (in :data:`TOLERANCES`), and pass or
+fail; ``gating: false`` marks figures that are informative only (TF32 on, speed in a dry run). A
+step that fails does not stop the others.
+
+Without CUDA the script prints that it needs a GPU and exits 0. ``--cpu-dry-run`` runs the CPU
+halves instead, at a tiny size, with the CPU standing in for the GPU (so the comparisons are
+trivially equal; torchrun runs on the CPU only): that is how the test suite checks this script.
+
+Exit status: 0 every gating comparison passed and no step failed, 1 otherwise.
+
+Usage::
+
+    .venv/bin/python benchmarks/gpu_smoke.py                      # on a GPU machine, < 5 minutes
+    .venv/bin/python benchmarks/gpu_smoke.py --only inspect,conflict --out /tmp/smoke
+    .venv/bin/python benchmarks/gpu_smoke.py --cpu-dry-run --no-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avdiag.results import json_safe  # non-finite floats as null, as every avdiag report writes them
+
+HERE = Path(__file__).resolve().parent
+STEPS = ("inspect", "conflict", "reinit", "check", "torchrun", "bench")
+N_CLASSES = 6
+
+# Stated tolerances: fp32 on cpu vs cuda differs by float rounding and algorithm order only.
+TOLERANCES = {
+    "fire_rate_fp32": 1e-3,  # max |fire rate difference|: a position within rounding of 0 may flip
+    "fire_rate_amp": 2e-2,  # under autocast BN outputs are rounded to 8 (bf16) / 11 (fp16) bits
+    "std_rel_fp32": 1e-3,  # max relative difference of the BN output std (channels with std >= 1e-2)
+    "std_rel_amp": 5e-2,  # informative: the std-based verdicts are marked approximate under AMP
+    "verdict_diff": 0,  # channels in one run's dead / constant set and not in the other's
+    "cos_fp32": 1e-4,  # max |cosine difference|, per batch and per sample (the benchmark's tolerance)
+    "cos_tf32": 1e-2,  # informative: TF32 moves cosines by ~1e-4..1e-3
+    "sign_flips": 0,  # samples whose cos <= 0 flag flips although |cos| > 1e-3
+    "tensor_rel": 1e-4,  # reinit outputs: max |a - b| / max(1, max |a|) per tensor
+    "torchrun_cpu": 1e-5,  # 2 processes vs 1: float summation order only
+    "torchrun_cuda": 1e-4,
+}
+SIGN_MARGIN = 1e-3
+PLANTED = {"dead": {"audio_net.layer1.0.bn1": [0, 1], "visual_net.layer2.0.bn1": [2]},
+           "constant": {"visual_net.layer1.0.bn1": [3]}}
+
+
+@dataclass
+class Comparison:
+    step: str
+    name: str
+    value: float | None
+    tolerance: float
+    passed: bool
+    gating: bool = True
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    name: str
+    seconds: float = 0.0
+    error: str | None = None
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    out: Path
+    base: str  # the reference device (cpu)
+    target: str  # the device under test (cuda, or cpu in a dry run)
+    dry_run: bool
+    width: int
+    samples: int
+    batch_size: int
+    image_size: int
+    frames: int
+    audio: tuple[int, int]
+    timeout: int
+
+    @property
+    def spec(self) -> str:
+        f, t = self.audio
+        return (f"synthetic:n={self.samples},classes={N_CLASSES},f={f},t={t},size={self.image_size},"
+                f"frames={self.frames}")
+
+    def data_args(self, device: str) -> list[str]:
+        return ["--data", self.spec, "--device", device, "--batch-size", str(self.batch_size)]
+
+
+class Smoke:
+    """The steps run so far and every comparison they made."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.steps: list[Step] = []
+        self.comparisons: list[Comparison] = []
+        self.reports: dict[str, Any] = {}  # label -> JSON report of a run, reused by later steps
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[Step]:
+        record = Step(name)
+        self.steps.append(record)
+        start = time.perf_counter()
+        print(f"[{name}]", flush=True)
+        try:
+            yield record
+        except Exception as e:  # a failed step is recorded; the others still run
+            record.error = f"{type(e).__name__}: {e}"
+            record.log.append(traceback.format_exc(limit=4))
+            print(f"  ERROR {record.error}", flush=True)
+        finally:
+            record.seconds = time.perf_counter() - start
+
+    def compare(self, step: str, name: str, value: float | None, tolerance: float, *, gating: bool = True,
+                **detail: Any) -> Comparison:
+        """Record ``value <= tolerance`` (None, or NaN, fails)."""
+        ok = value is not None and not math.isnan(value) and value <= tolerance
+        c = Comparison(step, name, value, tolerance, ok, gating, detail)
+        self.comparisons.append(c)
+        flag = "pass" if ok else ("FAIL" if gating else "info")
+        shown = "n/a" if value is None else f"{value:.3g}"
+        print(f"  {flag:4s} {name}: {shown} (tolerance {tolerance:g})", flush=True)
+        return c
+
+    def summary(self, started: float) -> dict[str, Any]:
+        gating = [c for c in self.comparisons if c.gating]
+        failed = [c for c in gating if not c.passed]
+        errors = [s for s in self.steps if s.error]
+        return {
+            "tool": "avdiag gpu_smoke", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "dry_run": self.config.dry_run, "device": device_name(self.config.target),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+            "spec": self.config.spec, "tolerances": TOLERANCES, "seconds": time.perf_counter() - started,
+            "ok": not failed and not errors, "n_comparisons": len(self.comparisons),
+            "n_failed": len(failed), "n_step_errors": len(errors),
+            "steps": [asdict(s) for s in self.steps], "comparisons": [asdict(c) for c in self.comparisons],
+        }
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ---- running avdiag ---------------------------------------------------------------------------------
+
+
+def avdiag(record: Step, *argv: str) -> int:
+    """``avdiag ARGV`` in this process; its output goes to the step's log."""
+    from avdiag.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    record.log.append(f"avdiag {' '.join(map(str, argv))} -> {code}\n{out.getvalue()[-1500:]}{err.getvalue()[-1500:]}")
+    return code
+
+
+def avdiag_json(record: Step, out: Path, *argv: str, codes: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Run ``avdiag ARGV --json OUT`` and read OUT; RuntimeError when the exit code is not in ``codes``."""
+    code = avdiag(record, *argv, "--json", str(out), "-q")
+    if code not in codes:
+        raise RuntimeError(f"avdiag {argv[0]} exited {code}: {record.log[-1].strip().splitlines()[-1]}")
+    return json.loads(out.read_text())
+
+
+def subprocess_run(record: Step, argv: list[str], timeout: int) -> int:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
+    record.log.append(f"{' '.join(argv)} -> {proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.returncode
+
+
+def cli_has_option(command: str, option: str) -> bool:
+    record = Step("help")
+    avdiag(record, command, "--help")
+    return option in record.log[-1]
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------------
+
+
+def build_checkpoint(config: Config) -> Path:
+    """A seeded OGM-GE classifier whose BN running statistics come from the data (as after training),
+    with dead (gamma 0, beta -1) and constant (gamma 0, beta +1) channels planted."""
+    from avdiag.data import make_loader, open_dataset
+    from avdiag.models import OGMGEClassifier
+
+    torch.manual_seed(0)
+    model = OGMGEClassifier(N_CLASSES, "concat", width=config.width)
+    model.train()
+    with torch.no_grad():
+        for batch in make_loader(open_dataset(config.spec), batch_size=config.batch_size):
+            model(batch["audio"], batch["visual"])
+        modules = dict(model.named_modules())
+        for kind, beta in (("dead", -1.0), ("constant", 1.0)):
+            for layer, channels in PLANTED[kind].items():
+                modules[layer].weight[channels] = 0.0
+                modules[layer].bias[channels] = beta
+    path = config.out / "smoke_ogmge.pt"
+    torch.save({"model": model.eval().state_dict()}, path)
+    return path
+
+
+# ---- comparisons ----------------------------------------------------------------------------------
+
+
+def max_abs_diff(a: list, b: list) -> float:
+    """Largest |a_i - b_i|; a null (non-finite) on one side only counts as infinitely different."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            worst = worst if x is None and y is None else math.inf
+        else:
+            worst = max(worst, abs(x - y))
+    return worst
+
+
+def layers_of(report: dict) -> dict[str, dict]:
+    return {layer["name"]: layer for layer in report["layers"]}
+
+
+def set_diff(a: dict[str, dict], b: dict[str, dict], key: str) -> tuple[int, dict[str, list[int]]]:
+    """Channels in one run's ``key`` set and not in the other's, over every layer."""
+    where = {}
+    for name in a:
+        diff = sorted(set(a[name].get(key, [])) ^ set(b[name].get(key, [])))
+        if diff:
+            where[name] = diff
+    return sum(len(v) for v in where.values()), dict(list(where.items())[:5])
+
+
+def std_rel_diff(a: dict[str, dict], b: dict[str, dict]) -> float:
+    worst = 0.0
+    for name in a:
+        for x, y in zip(a[name]["output_std"], b[name]["output_std"], strict=True):
+            if x is None or y is None:
+                worst = math.inf if (x is None) != (y is None) else worst
+            elif abs(x) >= 1e-2:
+                worst = max(worst, abs(x - y) / abs(x))
+    return worst
+
+
+def missing_planted(layers: dict[str, dict], kind: str, key: str) -> int:
+    return sum(len(set(channels) - set(layers[name].get(key, []))) for name, channels in PLANTED[kind].items())
+
+
+# ---- 1. inspect ---------------------------------------------------------------------------------
+
+
+def step_inspect(smoke: Smoke, ckpt: Path) -> None:
+    c = smoke.config
+    runs = {"cpu": (c.base, False), "cuda": (c.target, False), "cuda-amp": (c.target, True)}
+    with smoke.step("inspect") as record:
+        layers = {}
+        for label, (device, amp) in runs.items():
+            argv = ["inspect", ckpt, *c.data_args(device), *(["--amp"] if amp else [])]
+            report = avdiag_json(record, c.out / f"inspect-{label}.json", *argv)
+            smoke.reports[f"inspect-{label}"] = report
+            layers[label] = layers_of(report)
+            smoke.compare("inspect", f"{label}: planted dead channels not measured dead",
+                          missing_planted(layers[label], "dead", "measured_dead_channels"), 0)
+            smoke.compare("inspect", f"{label}: planted constant channels not measured constant",
+                          missing_planted(layers[label], "constant", "measured_constant_channels"), 0)
+            nonfinite = sum(len(v.get("measured_nonfinite_channels", [])) for v in layers[label].values())
+            smoke.compare("inspect", f"{label}: channels with inf/NaN outputs", nonfinite, 0)
+        _compare_inspect(smoke, layers["cpu"], layers["cuda"], "cpu vs cuda", amp=False)
+        _compare_inspect(smoke, layers["cpu"], layers["cuda-amp"], "cpu vs cuda --amp", amp=True)
+        _check_amp_report(smoke, smoke.reports["inspect-cuda-amp"]["probe"])
+
+
+def _compare_inspect(smoke: Smoke, a: dict, b: dict, label: str, amp: bool) -> None:
+    rate = max(max_abs_diff(a[n]["fire_rate"], b[n]["fire_rate"]) for n in a)
+    smoke.compare("inspect", f"{label}: fire rate max |diff|", rate,
+                  TOLERANCES["fire_rate_amp" if amp else "fire_rate_fp32"])
+    smoke.compare("inspect", f"{label}: output std max relative diff", std_rel_diff(a, b),
+                  TOLERANCES["std_rel_amp" if amp else "std_rel_fp32"], gating=not amp)
+    for key in ("measured_dead_channels", "measured_constant_channels"):
+        n, where = set_diff(a, b, key)
+        gating = not (amp and key == "measured_constant_channels")  # std-based: approximate under AMP
+        smoke.compare("inspect", f"{label}: {key} differing", n, TOLERANCES["verdict_diff"], gating=gating,
+                      where=where)
+
+
+def _check_amp_report(smoke: Smoke, probe: dict) -> None:
+    target = torch.device(smoke.config.target)
+    smoke.compare("inspect", "cuda --amp: probe.amp reported true", 0 if probe.get("amp") else 1, 0,
+                  gating=target.type == "cuda", probe=probe)
+    if target.type != "cuda":
+        return
+    from avdiag.measure.precision import amp_dtype
+
+    want = str(amp_dtype(target)).removeprefix("torch.")
+    got = probe.get("amp_dtype")
+    smoke.compare("inspect", f"cuda --amp: autocast dtype is {want}", 0 if got == want else 1, 0,
+                  gating=got is not None, reported=got)
+
+
+# ---- 2. conflict ------------------------------------------------------------------------------------
+
+
+def step_conflict(smoke: Smoke, ckpt: Path) -> None:
+    c = smoke.config
+    with smoke.step("conflict") as record:
+        runs = {"cpu": (c.base, False), "cuda": (c.target, False)}
+        if cli_has_option("conflict", "--tf32"):
+            runs["cuda-tf32"] = (c.target, True)
+        else:
+            record.log.append("this avdiag has no `conflict --tf32`: the TF32-on comparison is skipped")
+        for label, (device, tf32) in runs.items():
+            argv = ["conflict", ckpt, *c.data_args(device), *(["--tf32"] if tf32 else [])]
+            smoke.reports[f"conflict-{label}"] = avdiag_json(record, c.out / f"conflict-{label}.json", *argv)
+        for label in runs:
+            if label != "cpu":
+                compare_conflict(smoke, "conflict", f"cpu vs {label}", smoke.reports["conflict-cpu"],
+                                 smoke.reports[f"conflict-{label}"],
+                                 TOLERANCES["cos_tf32" if "tf32" in label else "cos_fp32"],
+                                 gating="tf32" not in label)
+
+
+def _batch_cosines(report: dict) -> dict[tuple[int, str], float | None]:
+    return {(b["first_index"], m): v["cos"] for b in report["conflict"]["batches"] for m, v in b["modalities"].items()}
+
+
+def _sample_cosines(report: dict) -> dict[tuple[int, str], float | None]:
+    return {(s["index"], m): s[f"cos_{m}"] for s in report["conflict"]["samples"] for m in ("audio", "visual")}
+
+
+def compare_conflict(smoke: Smoke, step: str, label: str, a: dict, b: dict, tol: float, gating: bool = True) -> None:
+    for kind, cosines in (("per-batch", _batch_cosines), ("per-sample", _sample_cosines)):
+        ca, cb = cosines(a), cosines(b)
+        if set(ca) != set(cb):
+            smoke.compare(step, f"{label}: {kind} cosines cover the same samples", None, 0, gating=gating,
+                          only_first=len(set(ca) - set(cb)), only_second=len(set(cb) - set(ca)))
+            continue
+        keys = sorted(ca)
+        smoke.compare(step, f"{label}: {kind} cos max |diff|", max_abs_diff([ca[k] for k in keys],
+                                                                            [cb[k] for k in keys]),
+                      tol, gating=gating, n=len(keys))
+        flips = [k for k in keys if ca[k] is not None and cb[k] is not None and abs(ca[k]) > SIGN_MARGIN
+                 and (ca[k] <= 0) != (cb[k] <= 0)]
+        smoke.compare(step, f"{label}: {kind} cos <= 0 flags flipped (|cos| > {SIGN_MARGIN:g})", len(flips),
+                      TOLERANCES["sign_flips"], gating=gating, examples=[list(k) for k in flips[:5]])
+
+
+# ---- 3. reinit --------------------------------------------------------------------------------------
+
+REINIT = {"recalibrate": ["--method", "recalibrate"], "relearn": ["--method", "relearn"],
+          "abri-stats-data": ["--method", "abri", "--stats", "data"]}
+
+
+def step_reinit(smoke: Smoke, ckpt: Path) -> None:
+    c = smoke.config
+    with smoke.step("reinit") as record:
+        for method, flags in REINIT.items():
+            written = {}
+            for label, device in (("cpu", c.base), ("cuda", c.target)):
+                out = c.out / f"reinit-{method}-{label}.pt"
+                avdiag_json(record, c.out / f"reinit-{method}-{label}.json", "reinit", ckpt, "-o", out, *flags,
+                            *c.data_args(device))
+                written[label] = flat_tensors(torch.load(out, map_location="cpu", weights_only=True))
+            value, worst = tensors_rel_diff(written["cpu"], written["cuda"])
+            smoke.compare("reinit", f"{method}: cpu vs cuda written tensors max relative diff", value,
+                          TOLERANCES["tensor_rel"], worst_tensor=worst)
+
+
+def flat_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flat_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {}
+
+
+def tensors_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str | None]:
+    if set(a) != set(b):
+        return math.inf, f"different keys: {sorted(set(a) ^ set(b))[:3]}"
+    worst, where = 0.0, None
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        if x.shape != y.shape:
+            return math.inf, name
+        if x.numel() == 0:
+            continue
+        diff = float((x - y).abs().max() / max(1.0, float(x.abs().max())))
+        if diff > worst or math.isnan(diff):
+            worst, where = (math.inf if math.isnan(diff) else diff), name
+    return worst, where
+
+
+# ---- 4. check ---------------------------------------------------------------------------------------
+
+
+def step_check(smoke: Smoke, ckpt: Path) -> None:
+    c = smoke.config
+    with smoke.step("check") as record:
+        reports = {}
+        for label, device, amp in (("cpu", c.base, False), ("cuda-amp", c.target, True)):
+            argv = ["check", ckpt, *c.data_args(device), *(["--amp"] if amp else [])]
+            reports[label] = avdiag_json(record, c.out / f"check-{label}.json", *argv, codes=(0, 1))
+        status = {k: [f["status"] for f in r["files"]] for k, r in reports.items()}
+        smoke.compare("check", "cpu vs cuda --amp: file statuses differing",
+                      sum(x != y for x, y in zip(status["cpu"], status["cuda-amp"], strict=True)), 0, status=status)
+        rules = {k: sorted({v["rule_id"] for f in r["files"] for v in f["violations"]}) for k, r in reports.items()}
+        smoke.compare("check", "cpu vs cuda --amp: rule ids differing",
+                      len(set(rules["cpu"]) ^ set(rules["cuda-amp"])), 0, rules=rules)
+
+
+# ---- 5. torchrun ------------------------------------------------------------------------------------
+
+
+def step_torchrun(smoke: Smoke, ckpt: Path) -> None:
+    c = smoke.config
+    devices = [("cpu", c.base)] + ([("cuda", c.target)] if not c.dry_run else [])
+    with smoke.step("torchrun") as record:
+        for label, device in devices:
+            single = smoke.reports.get(f"conflict-{label}")
+            if single is None:
+                raise RuntimeError(f"the one-process conflict run on {label} is missing (see the conflict step)")
+            out = c.out / f"torchrun-{label}.json"
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "avdiag", "conflict", str(ckpt), *c.data_args(device), "--json", str(out), "-q"]
+            code = subprocess_run(record, argv, c.timeout)
+            if code != 0 or not out.is_file():
+                raise RuntimeError(f"torchrun on {label} exited {code}: {record.log[-1][-400:]}")
+            report = json.loads(out.read_text())
+            smoke.compare("torchrun", f"{label}: world_size is 2", 0 if report.get("world_size") == 2 else 1, 0,
+                          world_size=report.get("world_size"))
+            compare_conflict(smoke, "torchrun", f"{label}: 2 processes vs 1", single, report,
+                             TOLERANCES[f"torchrun_{label}"])
+
+
+# ---- 6. benchmarks ----------------------------------------------------------------------------------
+
+
+def bench_commands(c: Config) -> dict[str, list[str]]:
+    if c.dry_run:
+        return {"probe_bench": ["probe_bench.py", "--device", "cpu", "--width", "4", "--batches", "2",
+                                "--batch-size", "2", "--repeats", "1", "--no-memory"],
+                "conflict_bench": ["conflict_bench.py", "--device", "cpu", "--width", "4", "--batch-size", "4",
+                                   "--repeats", "1", "--audio", "32,24", "--image-size", "32", "--loop-samples", "2"]}
+    return {"probe_bench": ["probe_bench.py", "--device", "cuda", "--batches", "8", "--batch-size", "16",
+                            "--repeats", "5"],
+            "probe_bench_amp": ["probe_bench.py", "--device", "cuda", "--amp", "--batches", "8", "--batch-size", "16",
+                                "--repeats", "5"],
+            "conflict_bench": ["conflict_bench.py", "--device", "cuda", "--batch-size", "32", "--repeats", "3",
+                               "--loop-samples", "8"]}
+
+
+def step_bench(smoke: Smoke) -> None:
+    c = smoke.config
+    with smoke.step("bench") as record:
+        for name, argv in bench_commands(c).items():
+            out = c.out / f"{name}.json"
+            code = subprocess_run(record, [sys.executable, str(HERE / argv[0]), *argv[1:], "--json", str(out)],
+                                  c.timeout)
+            figures = bench_figures(json.loads(out.read_text())) if out.is_file() else {}
+            # exit 2: the harness could not measure, or (conflict_bench) the cosines disagree
+            smoke.compare("bench", f"{name}: ran and agreed (exit status != 2)", 0 if code in (0, 1) else 1, 0,
+                          exit_status=code)
+            smoke.compare("bench", f"{name}: every target met (exit status 0)", code, 0, gating=not c.dry_run,
+                          **figures)
+
+
+def bench_figures(report: dict) -> dict[str, Any]:
+    """The headline figures of a probe_bench / conflict_bench JSON."""
+    keys = {"speed": ("ratio_of_medians", "pass"), "memory": ("probe_peak_n_mib", "probe_peak_big_mib", "pass")}
+    out = {f"{part}.{k}": report[part].get(k) for part, ks in keys.items() if isinstance(report.get(part), dict)
+           for k in ks}
+    for k in ("figures", "pass", "max_cos_diff", "cos_ok"):
+        if k in report:
+            out[k] = report[k]
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run the CPU halves at a tiny size (no GPU needed)")
+    ap.add_argument("--device", default="cuda", help="the GPU under test (default cuda)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the runs' JSON (default: a temp folder)")
+    ap.add_argument("--json", type=Path, default=None, help="the summary JSON (default: OUT/gpu_smoke.json)")
+    ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps of {','.join(STEPS)}")
+    ap.add_argument("--no-bench", action="store_true", help="skip the benchmarks (step 6)")
+    ap.add_argument("--width", type=int, default=None, help="ResNet width (default 32; dry run 4)")
+    ap.add_argument("--samples", type=int, default=None, help="synthetic samples (default 128; dry run 8)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32; dry run 4")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds allowed to each subprocess (default 300)")
+    args = ap.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(STEPS)
+    if unknown:
+        ap.error(f"unknown steps {sorted(unknown)}; choose from {','.join(STEPS)}")
+    return args
+
+
+def make_config(args: argparse.Namespace, out: Path) -> Config:
+    dry = args.cpu_dry_run
+    return Config(out=out, base="cpu", target="cpu" if dry else args.device, dry_run=dry,
+                  width=args.width or (4 if dry else 32), samples=args.samples or (8 if dry else 128),
+                  batch_size=args.batch_size or (4 if dry else 32), image_size=16 if dry else 64,
+                  frames=1 if dry else 2, audio=(16, 16) if dry else (64, 48), timeout=args.timeout)
+
+
+def run(config: Config, steps: list[str]) -> Smoke:
+    smoke = Smoke(config)
+    ckpt = None
+    with smoke.step("checkpoint"):
+        ckpt = build_checkpoint(config)
+    actions: dict[str, Callable[[], None]] = {
+        "inspect": lambda: step_inspect(smoke, ckpt), "conflict": lambda: step_conflict(smoke, ckpt),
+        "reinit": lambda: step_reinit(smoke, ckpt), "check": lambda: step_check(smoke, ckpt),
+        "torchrun": lambda: step_torchrun(smoke, ckpt), "bench": lambda: step_bench(smoke)}
+    for name in STEPS:
+        if name in steps and (ckpt is not None or name == "bench"):
+            actions[name]()
+    return smoke
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("gpu_smoke: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run. "
+              "--cpu-dry-run runs the CPU halves.")
+        return 0
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_smoke_")))
+        out.mkdir(parents=True, exist_ok=True)
+        config = make_config(args, out)
+        steps = [s for s in args.only.split(",") if not (args.no_bench and s == "bench")]
+        print(f"gpu_smoke: {device_name(config.target)}, torch {torch.__version__}, data {config.spec}, "
+              f"width {config.width}{' (CPU dry run)' if config.dry_run else ''}", flush=True)
+        smoke = run(config, steps)
+        summary = smoke.summary(started)
+        path = args.json or out / "gpu_smoke.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str))
+    print(f"\ngpu_smoke: {summary['n_comparisons']} comparisons, {summary['n_failed']} gating failed, "
+          f"{summary['n_step_errors']} step errors, {summary['seconds']:.0f} s -> {path}")
+    return 0 if summary["ok"] else 1
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
