@@ -31,6 +31,7 @@ NO_BATCHNORM = "no-batchnorm"
 MEASURED_DEAD = "measured-dead-channels"
 PREDICTION_MISMATCH = "prediction-mismatch"
 NOT_PROBED = "layer-not-probed"
+MEASURED_NONFINITE = "measured-nonfinite-outputs"
 
 RULES = {
     NONFINITE: (ERROR, "a tensor holds NaN or Inf values"),
@@ -44,6 +45,8 @@ RULES = {
     MEASURED_DEAD: (WARNING, "BN channels that never fire on the probed data (fire rate <= dead_rate)"),
     PREDICTION_MISMATCH: (INFO, "channels where the static prediction and the measurement disagree"),
     NOT_PROBED: (WARNING, "a BN layer of the checkpoint that the model never ran on the data"),
+    MEASURED_NONFINITE: (ERROR, "BN channels whose outputs were NaN or infinite on the data (their other "
+                                "measured verdicts are withheld)"),
 }
 
 

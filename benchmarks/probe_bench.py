@@ -63,7 +63,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -228,12 +227,13 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def plain(self, batches) -> int:
-        autocast = torch.autocast(self.device.type) if self.amp else nullcontext()
+        # the same precision as the probe: full float32 (TF32 off) and the probe's autocast dtype
+        from avdiag.measure.precision import measuring
+
         n = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), measuring(self.device, amp=self.amp):
             for b in batches:
-                with autocast:
-                    self.resolved(b)
+                self.resolved(b)
                 n += 1
         self._sync()
         return n

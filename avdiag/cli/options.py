@@ -56,7 +56,10 @@ DATA_PARAMETERS: dict[str, tuple[Any, Any]] = {
         "--limit", min=1, help="Use at most this many samples (a seeded random subset).")], None),
     "num_workers": (Annotated[int, _data_option("--num-workers", min=0, help="DataLoader worker processes.")], 0),
     "seed": (Annotated[int, _data_option("--seed", help="Seed of the sample selection.")], 0),
-    "amp": (Annotated[bool, _data_option("--amp", help="Autocast on GPU.")], False),
+    "amp": (Annotated[bool, _data_option("--amp", help="Autocast on GPU (bfloat16 where supported, else float16); "
+                                         "std-based verdicts become approximate.")], False),
+    "tf32": (Annotated[bool, _data_option("--tf32", help="Allow TF32 matmuls and convolutions on GPU: faster, but "
+                                          "per-sample cosines move by ~1e-4..1e-3 [default: full float32].")], False),
     "image_size": (Annotated[Optional[int], _data_option("--image-size", help="Resize images (folders).")], None),
     "mean": (Annotated[Optional[str], _data_option("--mean", metavar="R,G,B", help="Image normalisation mean.")],
              None),
@@ -93,7 +96,8 @@ def takes_data(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def data_source(data: str | None, model: str | None, visual_layout: str | None, device: str, split: str,
-                batch_size: int, limit: int | None, num_workers: int, seed: int, amp: bool, image_size: int | None,
+                batch_size: int, limit: int | None, num_workers: int, seed: int, amp: bool, tf32: bool,
+                image_size: int | None,
                 mean: str | None, std: str | None, sample_rate: int | None, class_order: str | None,
                 frames: int | None, seconds: float | None, n_fft: int | None, hop: int | None, resample: bool):
     """The DataSource the data options describe, or None when no --data was given."""
@@ -109,7 +113,7 @@ def data_source(data: str | None, model: str | None, visual_layout: str | None, 
                           sample_rate=sample_rate, class_order=class_order, frames=frames, seconds=seconds,
                           n_fft=n_fft, hop=hop, resample=resample)
     return DataSource(data, split=split, options=options, model=model, visual_layout=visual_layout, device=device,
-                      batch_size=batch_size, limit=limit, num_workers=num_workers, seed=seed, amp=amp)
+                      batch_size=batch_size, limit=limit, num_workers=num_workers, seed=seed, amp=amp, tf32=tf32)
 
 
 def floats(text: str | None, option: str) -> tuple[float, ...] | None:

@@ -1,21 +1,32 @@
 """`avdiag conflict`: per-modality gradient conflict (MMPareto) and modality contribution (Shapley, OGM-GE,
 OPM, learning state) of a checkpoint's model on data.
 
-Runs on one process or sharded over a torchrun group: batches are dealt round-robin to ranks, every
-rank measures its share, and the partial results are gathered to rank 0 over a CPU (gloo) group and
-combined exactly, so the numbers equal a single-process run up to float summation order.
+Streams the data once: each batch is measured for gradient conflict (in chunks under a memory
+budget, see :mod:`avdiag.measure.conflict`) as it passes on to the contribution pass, so no more
+than one decoded batch is held, and the progress counts samples measured.
+
+Runs on one process or sharded over a torchrun group: batches are dealt round-robin to ranks (each
+rank decodes only its own), every rank measures its share, and the partial results are gathered to
+rank 0 over a CPU (gloo) group and combined exactly, so the numbers equal a single-process run up
+to float summation order. A rank dealt no batch of a split (more processes than batches) still
+takes part in the gather and sends nothing for that split.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from avdiag.errors import ModelError
-from avdiag.measure.conflict import GradientConflict, measure_conflict
-from avdiag.measure.contribution import OGM_ALPHA, Contribution, ContributionPartial, contribution_partial
+from avdiag.errors import ModelError, UsageError
+from avdiag.measure.conflict import DEFAULT_MAX_MEMORY, ConflictMeter, GradientConflict, parse_memory
+from avdiag.measure.contribution import (
+    OGM_ALPHA, Contribution, ContributionPartial, PooledFeatures, contribution_partial,
+)
+from avdiag.measure.contribution.learning_state import FeatureCollector
+from avdiag.measure.contribution.passes import run as run_passes
 from avdiag.models.parts import av_parts
 from avdiag.progress import ProgressFactory, no_progress
 from avdiag.results import CheckpointRef, envelope
@@ -43,7 +54,12 @@ class ConflictResult:
             contribution = (f", shapley {c.shapley_mean_accuracy:.3f}, uni-modal acc {c.unimodal_accuracy:.3f}"
                             if c else "")
             parts.append(f"{m}: cos {s.cos_mean:+.3f} (conflict {s.conflict_rate:.0%}){contribution}")
-        return "; ".join(parts) + f"; OGM-GE dominant: {self.contribution.ogm.dominant or 'none'}"
+        line = "; ".join(parts) + f"; OGM-GE dominant: {self.contribution.ogm.dominant or 'none'}"
+        sketch = self.conflict.sketch
+        if sketch is not None:
+            line += (f"; per-sample cosines approximate (sketch {sketch.dim} per layer, "
+                     f"max error {sketch.max_abs_error:.3f} on {sketch.checked} checked)")
+        return line
 
     def summary(self) -> dict[str, Any]:
         return {"text": self.summary_line(), "dominant": self.contribution.ogm.dominant,
@@ -77,13 +93,22 @@ class ConflictResult:
 
 def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: float = OGM_ALPHA,
              per_sample: bool = True, heldout_split: str | None = "test", train_mode: bool = False,
-             load: LoadOptions | None = None, progress: ProgressFactory = no_progress) -> ConflictResult | None:
+             max_memory: int | str | None = None, sketch: int | None = None, load: LoadOptions | None = None,
+             progress: ProgressFactory = no_progress) -> ConflictResult | None:
     """Gradient conflict and modality contribution of ``checkpoint``'s model on ``data``.
 
     ``heldout_split`` feeds the learning state (k-means purity gap; None skips it). ``train_mode``:
-    per-batch gradients with BatchNorm in train mode, as in a training step. Under torchrun every rank
-    must call this; rank 0 gets the combined result, the other ranks None.
+    per-batch gradients with BatchNorm in train mode, as in a training step. ``max_memory``: the
+    memory budget of the gradient passes, bytes or a size such as ``"2G"`` (default
+    :data:`~avdiag.measure.conflict.DEFAULT_MAX_MEMORY`, 2 GiB). ``sketch``: approximate per-sample
+    cosines from a random projection of that many numbers per layer (seeded with ``data.seed``; the
+    result says so and states the error measured on the first samples); None: exact. ``data.amp``
+    runs the passes under autocast on CUDA. Under torchrun every rank must call this, whatever share
+    of the batches it is dealt (none included); rank 0 gets the combined result, the others None.
     """
+    budget = DEFAULT_MAX_MEMORY if max_memory is None else parse_memory(max_memory)
+    if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
+        raise UsageError(f"--sketch: expected a positive number of dimensions per layer, got {sketch!r}")
     subject = Subject.of(checkpoint, load)
     resolved = subject.model_for(data)
     try:
@@ -93,19 +118,26 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
     rank, world, owned = _join_group()
     try:
         device = _rank_device(data.torch_device(), rank, world)
-        mine = _my_batches(data.loader(), rank, world, data.n_samples(), progress)
+        shown = progress if rank == 0 else no_progress
+        meter = ConflictMeter(parts, device, per_sample, train_mode, memory_bytes=budget, sketch=sketch,
+                              sketch_seed=data.seed, amp=data.amp)
+        batches, n_mine = _shard(data, data.split, rank, world)
+        partial = None
+        with shown(n_mine, _label("conflict", rank, world)) as advance:
+            if n_mine:
+                partial = contribution_partial(parts, _measured(batches, meter, advance), device)
         heldout = None
         if heldout_split and data.has_split(heldout_split):
-            heldout = _my_batches(data.loader(heldout_split), rank, world, data.n_samples(heldout_split), progress,
-                                  label="held-out")
-        measured = measure_conflict(parts, mine, device, per_sample=per_sample, train_mode=train_mode)
-        partial = contribution_partial(parts, mine, device, heldout_batches=heldout or None)
+            heldout = _heldout_features(parts, data, heldout_split, rank, world, device, shown)
+        shards = [(meter.result(), partial, heldout)]
         if world > 1:
-            gathered = _gather_to_root((measured.to_dict(), partial.to_dict()), rank, world)
+            gathered = _gather_to_root(tuple(x.to_dict() if x is not None else None for x in shards[0]), rank, world)
             if rank != 0:
                 return None
-            measured = GradientConflict.combine([GradientConflict.from_dict(c) for c, _ in gathered])
-            partial = ContributionPartial.combine([ContributionPartial.from_dict(p) for _, p in gathered])
+            shards = [(GradientConflict.from_dict(c), p and ContributionPartial.from_dict(p),
+                       h and PooledFeatures.from_dict(h)) for c, p, h in gathered]
+        measured = GradientConflict.combine([c for c, _, _ in shards])
+        partial = _combine_contribution([p for _, p, _ in shards], [h for _, _, h in shards])
     finally:
         if owned:
             _leave_group()
@@ -114,17 +146,69 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
         conflict=measured, contribution=partial.result(ogm_alpha, seed=data.seed),
         options={"ogm_alpha": ogm_alpha, "per_sample": per_sample, "batch_size": data.batch_size,
                  "limit": data.limit, "seed": data.seed, "split": data.split, "heldout_split": heldout_split,
-                 "train_mode": train_mode})
+                 "train_mode": train_mode, "max_memory": budget, "sketch": sketch, "amp": data.amp})
 
 
-def _my_batches(loader, rank: int, world: int, total: int, progress: ProgressFactory, label: str = "conflict"):
-    out = []
-    with progress(total, label) as advance:
-        for i, batch in enumerate(loader):
-            if i % world == rank:
-                out.append(batch)
-            advance(len(batch["label"]))
-    return out
+def _label(what: str, rank: int, world: int) -> str:
+    return what if world == 1 else f"{what} (rank 0 of {world})"
+
+
+def _measured(batches: Iterable[dict], meter: ConflictMeter, advance) -> Iterator[dict]:
+    """The batches, each measured for conflict as it passes on to the contribution pass: one read
+    of the data feeds both measures."""
+    for batch in batches:
+        advance(meter.add(batch))
+        yield batch
+
+
+def _heldout_features(parts, data: DataSource, split: str, rank: int, world: int, device,
+                      progress: ProgressFactory) -> PooledFeatures | None:
+    """This rank's pooled features of the held-out split (None when it is dealt no batch of it)."""
+    batches, n_mine = _shard(data, split, rank, world)
+    if not n_mine:
+        return None
+    held = FeatureCollector()
+    with progress(n_mine, _label("held-out", rank, world)) as advance:
+        run_passes(parts, _counted(batches, advance), device, [held], empty="the held-out data has no batches")
+    return held.result()
+
+
+def _counted(batches: Iterable[dict], advance) -> Iterator[dict]:
+    for batch in batches:
+        yield batch
+        advance(len(batch["label"]))
+
+
+def _combine_contribution(partials: list[ContributionPartial | None],
+                          heldouts: list[PooledFeatures | None]) -> ContributionPartial:
+    """The shards' contribution records together, the held-out features of every rank that had
+    some attached (a rank dealt no batch of a split sends nothing for it)."""
+    combined = ContributionPartial.combine([p for p in partials if p is not None])
+    held = [h for h in heldouts if h is not None]
+    return replace(combined, heldout=PooledFeatures.combine(held, "held-out shards") if held else None)
+
+
+def _shard(data: DataSource, split: str, rank: int, world: int) -> tuple[Iterable[dict], int]:
+    """The batches of ``split`` dealt to ``rank`` (round-robin: batch i goes to rank i mod world)
+    and how many samples they hold. Only this rank's batches are decoded."""
+    loader = data.loader(split)
+    if world == 1:
+        return loader, data.n_samples(split)
+    if isinstance(loader, list):
+        mine = loader[rank::world]
+        return mine, sum(len(b["label"]) for b in mine)
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        mine = list(loader.batch_sampler)[rank::world]
+        sub = type(loader)(loader.dataset, batch_sampler=mine, collate_fn=loader.collate_fn,
+                           num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+        return sub, sum(len(b) for b in mine)
+    n = data.n_samples(split)
+    batch = data.batch_size
+    n_batches = -(-n // batch)
+    counts = [min(batch, n - i * batch) for i in range(rank, n_batches, world)]
+    return (b for i, b in enumerate(loader) if i % world == rank), sum(counts)
 
 
 def _join_group() -> tuple[int, int, bool]:

@@ -23,7 +23,9 @@ class DataSource:
     ``model``: ``package.module:factory`` to build the model with (default: resolve it from the
     checkpoint); ``visual_layout``: how that factory wants clips, BCTHW or BTCHW. ``device``: auto,
     cpu or cuda[:N]. ``limit``: at most this many samples, a seeded random subset. ``options``:
-    preprocessing (:class:`avdiag.data.DataOptions`). ``cache``: keep decoded batches for reuse.
+    preprocessing (:class:`avdiag.data.DataOptions`). ``amp``: autocast on GPU (bfloat16 where supported).
+    ``tf32``: allow TF32 on GPU (faster; default full float32). ``cache``: keep decoded batches for reuse
+    (they are then not pinned: a cached dataset must not lock host memory).
     """
 
     spec: Any
@@ -37,6 +39,7 @@ class DataSource:
     num_workers: int = 0
     seed: int = 0
     amp: bool = False
+    tf32: bool = False
     cache: bool = False
     _datasets: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _batches: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -89,7 +92,7 @@ class DataSource:
         from avdiag.data import make_loader
 
         loader = make_loader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers,
-                             limit=self.limit, seed=self.seed)
+                             limit=self.limit, seed=self.seed, device=None if self.cache else self._device)
         if not self.cache:
             return loader
         self._batches[split] = list(loader)

@@ -14,7 +14,7 @@ from avdiag.load import Checkpoint
 from avdiag.locate import Layout, Located
 from avdiag.progress import ProgressFactory, no_progress
 from avdiag.results import CheckpointRef, envelope
-from avdiag.measure.activity import Agreement, MeasuredLayer, agreement, judge_activity
+from avdiag.measure.activity import Agreement, MeasuredLayer, agreement, approximate_verdicts, judge_activity
 from avdiag.measure.integrity import scan_tensors
 from avdiag.measure.probe import ProbeThresholds
 from avdiag.measure.probe import probe as run_probe
@@ -85,11 +85,14 @@ class ProbeSummary:
     thresholds: ProbeThresholds
     agreement: Agreement
     missing_layers: list[str]
+    precision: dict[str, Any] = field(default_factory=dict)  # amp, amp_dtype, tf32 of the run
+    approximate_verdicts: list[str] = field(default_factory=list)  # std-based verdicts under autocast
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "model": self.model, "device": self.device, "amp": self.amp,
                 "samples": self.samples, "batches": self.batches, "thresholds": self.thresholds.to_dict(),
-                "agreement": self.agreement.to_dict(), "missing_layers": self.missing_layers}
+                "agreement": self.agreement.to_dict(), "missing_layers": self.missing_layers,
+                **self.precision, "approximate_verdicts": self.approximate_verdicts}
 
 
 @dataclass
@@ -150,10 +153,10 @@ class InspectResult:
         rows = []
         for v in self.layers:
             d = _layer_dict(v, per_channel=False, measured=self.measured.get(v.layer.name))
-            for key in ("fire_rate", "output_mean", "output_std", "output_max"):
+            for key in ("fire_rate", "output_mean", "output_std", "output_max", "nonfinite_rate"):
                 d.pop(key, None)
             for key in ("measured_dead_channels", "rarely_active_channels", "measured_constant_channels",
-                        "predicted_not_measured", "measured_not_predicted"):
+                        "measured_nonfinite_channels", "predicted_not_measured", "measured_not_predicted"):
                 if key in d:
                     d["n_" + key.replace("_channels", "")] = len(d.pop(key))
             for key in ("dead_channels", "abnormal_channels", "constant_channels", "low_gain_channels",
@@ -233,12 +236,14 @@ def _run_probe(result: InspectResult, subject: Subject, data: DataSource, thresh
     resolved = subject.model_for(data)
     device = data.torch_device()
     with progress(data.n_samples(), "probing") as advance:
-        run = run_probe(resolved, subject.located.layers, data.loader(), device, data.amp, advance)
+        run = run_probe(resolved, subject.located.layers, data.loader(), device, data.amp, advance, tf32=data.tf32)
     for v in result.layers:
         if v.layer.name in run.activity:
             result.measured[v.layer.name] = judge_activity(v, run.activity[v.layer.name], thresholds)
+    measured = list(result.measured.values())
     result.probe = ProbeSummary(data.name, run.model_source, run.device, run.amp, run.samples, run.batches,
-                                thresholds, agreement(list(result.measured.values())), run.missing_layers)
+                                thresholds, agreement(measured), run.missing_layers, run.precision_dict(),
+                                approximate_verdicts(run.amp, measured))
     _summarise_measured(result)
     result.findings.extend(_probe_findings(result))
 
@@ -255,6 +260,10 @@ def _summarise_measured(result: InspectResult) -> None:
 def _probe_findings(result: InspectResult) -> list[Finding]:
     out = []
     for name, m in result.measured.items():
+        if m.nonfinite:
+            out.append(findings.finding(findings.MEASURED_NONFINITE, name,
+                                        f"{name}: {len(m.nonfinite)} channels output NaN or Inf on the data "
+                                        f"{_preview(m.nonfinite)}; their measured verdicts are withheld"))
         if m.dead:
             out.append(findings.finding(findings.MEASURED_DEAD, name, f"{name}: {len(m.dead)} channels never fire on the data "
                                  f"(<= {result.probe.thresholds.dead_rate:g} of positions) {_preview(m.dead)}"))

@@ -341,7 +341,7 @@ def _output_change(original: Subject, data: DataSource | None, batch: dict[str, 
 
 
 def _run(resolved, batch: dict[str, torch.Tensor], device: torch.device, amp: bool) -> Any:
-    module = resolved.module.to(device)
+    module = resolved.to(device)
     if not isinstance(module, torch.fx.GraphModule):
         module.eval()
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

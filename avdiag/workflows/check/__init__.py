@@ -78,6 +78,7 @@ it is not suppressed.
 | `dead-channels-growth` | error | with `--baseline`: a modality has more dead channels than in OLD | `max_growth` [0] channels; `modalities` {name = channels}; `max_ratio_growth` [unset]: also fail when the dead ratio grew by more |
 | `constant-channels`, `low-gain-channels`, `possibly-dead-channels`, `prediction-mismatch` | off | the informational findings of `inspect` (any occurrence) | - |
 | `measured-dead-channels`, `layer-not-probed` | warning | findings of a probe on data (only when the checkpoint was run on data) | - |
+| `measured-nonfinite-outputs` | error | BN channels whose outputs were NaN or infinite on the data; their other measured verdicts are withheld | - |
 | `modality-contribution` | warning | with `--data`: a modality contributes too little to the prediction (one violation per modality, every threshold it breaks in the message) | `min_share` [0.2]: the modality's contribution share (below); `modalities` {name = share} overrides it; `value` ["accuracy"] or "probability"; `min_unimodal_accuracy` [unset]: a ratio, or {name = ratio}; `max_rho` [unset]: fail the weaker modality when the other's OGM-GE score is more than this many times its own |
 | `modality-conflict` | warning | with `--data`: the multimodal and uni-modal gradients of a modality's encoder conflict (MMPareto cosine, per batch) | `min_cos_mean` [0.0]: the mean cosine over batches below it; `max_conflict_rate` [0.5]: the share of batches with cosine <= 0 above it; `min_head_cos` [unset]: the cosine of the two uni-modal losses' gradients on the shared head below it (location `head`) |
 | `modality-contribution-drop` | error | with `--baseline` and `--data`: a modality's contribution share fell versus OLD on the same data | `max_drop` [0.05]; `modalities` {name = drop}; `value` as above; `max_accuracy_drop` [unset]: also fail when its uni-modal accuracy fell by more |
@@ -137,7 +138,8 @@ contribution shares (JSON: `files[].baseline.contribution`).
 ### On data: `--data SPEC`
 
 With `--data`, each checkpoint's model (resolved as for `inspect --data`: the registry, or `--model`)
-runs on the data: the probe findings (`measured-dead-channels`, `layer-not-probed`) and the data rules
+runs on the data: the probe findings (`measured-dead-channels`, `measured-nonfinite-outputs`,
+`layer-not-probed`) and the data rules
 are evaluated. Their figures are those of `avdiag conflict` (per-batch gradients only, no per-sample
 pass, no held-out learning state) and are in the JSON as `files[].data`: per modality
 `share_accuracy`, `share_probability`, `shapley_accuracy`, `shapley_probability`,

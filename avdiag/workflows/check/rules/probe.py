@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from avdiag import findings
-from avdiag.findings import OFF, WARNING
+from avdiag.findings import ERROR, OFF, WARNING
 from avdiag.workflows.check.rules.base import PROBE, register
 from avdiag.workflows.check.rules.static import FindingRule
 
@@ -24,6 +24,13 @@ class MeasuredDeadChannels(ProbeFindingRule):
     id = findings.MEASURED_DEAD
     severity = WARNING
     description = findings.RULES[findings.MEASURED_DEAD][1]
+
+
+@register
+class MeasuredNonfiniteOutputs(ProbeFindingRule):
+    id = findings.MEASURED_NONFINITE
+    severity = ERROR
+    description = findings.RULES[findings.MEASURED_NONFINITE][1]
 
 
 @register
