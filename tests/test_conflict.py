@@ -256,31 +256,6 @@ def test_shared_pass_equals_separate_passes(batches):
             assert close(ra.modalities[m].mmpareto_scale, rb.modalities[m].mmpareto_scale, rel=True)
 
 
-def test_direct_weight_gradients_equal_im2col(batches, monkeypatch):
-    """The CPU path that takes per-sample convolution weight gradients from one convolution backward
-    per sample (used from DIRECT_MIN_POSITIONS positions up) gives the per-sample cosines of the
-    loop and the per-batch figures of the im2col path."""
-    from avdiag.measure.conflict import hooks as conflict_module
-
-    model, layout = build("concat", seed=3)
-    parts = av_parts(model)
-    monkeypatch.setattr(conflict_module, "DIRECT_MIN_POSITIONS", 10**12)
-    plain = measure_conflict(parts, batches, "cpu", per_sample=True)
-    calls = []
-    original = conflict_module.direct_weight_grads
-    monkeypatch.setattr(conflict_module, "DIRECT_MIN_POSITIONS", 0)
-    monkeypatch.setattr(conflict_module, "direct_weight_grads", lambda *a: calls.append(1) or original(*a))
-    direct = measure_conflict(parts, batches, "cpu", per_sample=True, memory_bytes=64 * 1024)
-    assert calls  # the direct path ran
-    ref = {r["index"]: r for batch in batches for r in ref_samples(model, layout, batch)}
-    for s in direct.samples:
-        assert close(s.cos_audio, ref[s.index]["cos_audio"]) and close(s.cos_visual, ref[s.index]["cos_visual"])
-    for ra, rb in zip(direct.batches, plain.batches):
-        for m in ("audio", "visual"):
-            assert close(ra.modalities[m].cos, rb.modalities[m].cos)
-            assert close(ra.modalities[m].magnitude_ratio, rb.modalities[m].magnitude_ratio, rel=True)
-
-
 def test_one_batch_mean_is_the_batch(batches):
     model, _ = build("mmpareto")
     everything = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

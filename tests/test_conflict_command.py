@@ -102,3 +102,16 @@ def test_conflict_report_section_has_its_charts(cli, av_checkpoint):
     assert "Gradient conflict per layer" in page and "Contribution per modality" in page and len(images) == 2
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
+
+
+def test_memory_budget_and_sketch_options_reach_the_json(cli, av_checkpoint):
+    ckpt = av_checkpoint("mmpareto.pt", "mmpareto", n_classes=4).path
+    base = ("conflict", ckpt, "--data", "synthetic:n=6,classes=4", "--batch-size", "3", "--heldout-split", "none")
+    exact = cli(*base, "--max-memory", "64M", "--json", "-").json()
+    assert exact["options"]["max_memory"] == 64 * 2**20 and exact["conflict"]["engine"]["memory_budget"] == 64 * 2**20
+    assert exact["conflict"]["per_sample_exact"] is True and exact["options"]["sketch"] is None
+    sketched = cli(*base, "--sketch", "16", "--json", "-").json()
+    assert sketched["conflict"]["per_sample_exact"] is False and sketched["options"]["sketch"] == 16
+    assert "approximate (sketch 16 per layer" in sketched["summary"]["text"]
+    assert cli(*base, "--max-memory", "a lot").error() == "--max-memory: expected a size such as 2G or 512M, got 'a lot'"
+    assert cli(*base, "--sketch", "0").error().startswith("--sketch: expected a positive number")

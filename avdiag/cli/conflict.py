@@ -25,6 +25,10 @@ def conflict(
     no_per_sample: Annotated[bool, typer.Option("--no-per-sample", help="Skip per-sample gradients.")] = False,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Per-batch gradients with BatchNorm in train "
                           "mode (as in a training step).")] = False,
+    max_memory: Annotated[str, typer.Option("--max-memory", metavar="SIZE", help="Memory budget of the gradient "
+                          "passes (2G, 512M); batches run in chunks that fit it.")] = "2G",
+    sketch: Annotated[Optional[int], typer.Option("--sketch", metavar="DIM", help="Approximate per-sample cosines "
+                      "from a random projection of DIM numbers per layer; the error is measured and reported.")] = None,
     samples: Annotated[Optional[Path], typer.Option("--samples", metavar="PATH", help="Per-sample table: .csv or "
                        ".parquet.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write PNG plots here.")] = None,
@@ -46,7 +50,8 @@ def conflict(
     warn_unsafe(unsafe)
     heldout = None if (heldout_split or "").lower() == "none" else heldout_split
     result = run_conflict(checkpoint, data, ogm_alpha=ogm_alpha, per_sample=not no_per_sample, heldout_split=heldout,
-                          train_mode=train_mode, load=LoadOptions(tuple(allow_global), unsafe),
+                          train_mode=train_mode, max_memory=max_memory, sketch=sketch,
+                          load=LoadOptions(tuple(allow_global), unsafe),
                           progress=progress_for(quiet or not out.terminal))
     if result is None:  # a torchrun rank other than 0: rank 0 writes everything once
         return 0

@@ -91,19 +91,20 @@ class ModelState:
 
 @dataclass
 class HeadPass:
-    losses: dict[str, float]  # "multimodal", "audio", "visual" (batch means)
-    cot_mm: dict[str, torch.Tensor]  # dCE(fused)/d feature m  (B, d_m), batch-mean loss
+    losses: dict[str, float]  # "multimodal", "audio", "visual" (means over the samples passed)
+    cot_mm: dict[str, torch.Tensor]  # dCE(fused)/d feature m  (B, d_m), mean loss
     cot_uni: dict[str, torch.Tensor]  # dCE(uni m)/d feature m
-    head_products: tuple[float, float, float] | None  # <g_a, g_v>, |g_a|^2, |g_v|^2 on the shared head
+    head_grads: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # the two uni-modal losses' gradients
+    # on the shared head elements (one flat tensor per masked head tensor); None without masks
 
 
 def head_pass(parts: AVParts, feats: dict[str, torch.Tensor], y: torch.Tensor,
               head_params: list[nn.Parameter], masks: list[torch.Tensor | None] | None) -> HeadPass:
-    """Losses and their gradients at the pooled features (and, with ``masks``, the products of the
-    two uni-modal losses' gradients on the shared head elements), on a graph of the head alone:
-    the features are detached leaves."""
-    a = feats["audio"].detach().requires_grad_(True)
-    v = feats["visual"].detach().requires_grad_(True)
+    """Losses and their gradients at the pooled features (and, with ``masks``, the gradients of the
+    two uni-modal losses on the shared head elements), on a graph of the head alone: the features
+    are detached leaves."""
+    a = feats["audio"].detach().float().requires_grad_(True)
+    v = feats["visual"].detach().float().requires_grad_(True)
     fused = parts.fuse(a, v)
     uni = parts.unimodal(a, v)
     l_mm = F.cross_entropy(fused, y)
@@ -118,16 +119,23 @@ def head_pass(parts: AVParts, feats: dict[str, torch.Tensor], y: torch.Tensor,
         for m in MODALITIES:
             if d[m] is None:
                 d[m] = torch.zeros_like(leaves[m])
-    products = None
+    head_grads = None
     if masks is not None and any(mk is not None for mk in masks):
-        acc = torch.zeros(3, dtype=F64, device=y.device)
-        for gx, gy, mk in zip(ga[1:], gv[1:], masks):
-            if mk is None or gx is None or gy is None:
-                continue
-            acc += stats3(gx[mk], gy[mk])
-        products = tuple(acc.tolist())
+        head_grads = ([], [])
+        for gx, gy, mk, p in zip(ga[1:], gv[1:], masks, hp):
+            if mk is not None:
+                head_grads[0].append((torch.zeros_like(p) if gx is None else gx)[mk])
+                head_grads[1].append((torch.zeros_like(p) if gy is None else gy)[mk])
     losses = {"multimodal": l_mm.detach(), **{m: l.detach() for m, l in l_uni.items()}}
-    return HeadPass({k: float(v) for k, v in losses.items()}, cot_mm, cot_uni, products)
+    return HeadPass({k: float(v) for k, v in losses.items()}, cot_mm, cot_uni, head_grads)
+
+
+def head_products(head_grads: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple[float, float, float]:
+    """<g_a, g_v>, |g_a|^2, |g_v|^2 over the shared head elements."""
+    acc = torch.zeros(3, dtype=F64, device=head_grads[0][0].device)
+    for gx, gy in zip(*head_grads):
+        acc += stats3(gx, gy)
+    return tuple(acc.tolist())
 
 
 def shared_masks(parts: AVParts, head_params: list[nn.Parameter], feats: dict[str, torch.Tensor]

@@ -30,43 +30,45 @@ Per sample: ``cos(grad CE_i(fused), grad CE_i(uni-modal m))`` on encoder ``m``, 
 view of cross-modality gradient harmonisation (Wu et al., NeurIPS 2022; they pair two alignment
 losses on shared parameters, here the fused and the uni-modal classification losses), where a
 negative cosine marks a conflicting, likely noisy or misaligned sample. Taken in EVAL mode (samples
-independent of their batch) by the engines of :mod:`avdiag.measure.conflict.per_sample`. With
+independent of their batch) by the engines of :mod:`avdiag.measure.conflict.per_sample`, a chunk
+of samples at a time within a memory budget (:mod:`avdiag.measure.conflict.engine`). With
 ``per_sample=True`` and ``train_mode=False`` the per-batch figures come from the same passes as the
 per-sample ones (the batch gradient is the sum of the per-sample gradients).
+
+:class:`ConflictMeter` measures a stream of batches one at a time (the whole dataset never has to
+be held); :func:`measure` runs it over an iterable.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
-from avdiag.errors import DataError
-from avdiag.measure.conflict.gradients import (
-    MODALITIES, Encoder, ModelState, encoder_info, head_pass, shared_masks, tensor_products,
-)
-from avdiag.measure.conflict.hooks import EngineUnsupported, capture, encoder_products, hooks_apply
-from avdiag.measure.conflict.per_sample import ENGINES, sample_products
+from avdiag.errors import DataError, ModelError
+from avdiag.locate.resolve import is_out_of_memory
+from avdiag.measure.conflict.budget import DEFAULT_MAX_MEMORY, format_bytes
+from avdiag.measure.conflict.engine import BatchRecord, Engine
+from avdiag.measure.conflict.gradients import MODALITIES, Encoder, ModelState, encoder_info
+from avdiag.measure.conflict.hooks import hooks_apply
+from avdiag.measure.conflict.per_sample import ENGINES
+from avdiag.measure.conflict.products import cosine
 from avdiag.measure.conflict.results import BatchConflict, BatchModalityConflict, GradientConflict, SampleConflict
+from avdiag.measure.conflict.sketch import Sketch
+from avdiag.measure.precision import full_fp32
 from avdiag.models.parts import AVParts
 
 MMPARETO_GAMMA = 1.5
 MMPARETO_CLIP = (0.001, 0.999)
-DEFAULT_MEMORY_BYTES = 256 * 2**20  # per-sample temporaries per chunk
+DEFAULT_MEMORY_BYTES = DEFAULT_MAX_MEMORY
+
+__all__ = ["ConflictMeter", "MMPARETO_GAMMA", "cosine", "encoder_figures", "measure", "mmpareto_scale",
+           "mmpareto_weights", "pcgrad"]
 
 
 # ---- the formulas, over |g1|^2, <g1, g2>, |g2|^2 ------------------------------------------------
-
-
-def cosine(dot: float, n1: float, n2: float) -> float:
-    """Cosine from an inner product and two SQUARED norms; NaN when a vector is zero."""
-    if not (n1 > 0 and n2 > 0):
-        return math.nan
-    return max(-1.0, min(1.0, dot / math.sqrt(n1 * n2)))
 
 
 def mmpareto_weights(n1: float, dot: float, n2: float) -> tuple[float, float]:
@@ -124,27 +126,121 @@ def sample_cosines(products: torch.Tensor) -> list[float]:
 
 
 def _batch_inputs(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The batch on ``device``; tensors made under inference mode (a loader pulled by an inference
+    pass) are copied, since autograd cannot save them."""
     missing = [m for m in MODALITIES if m not in batch]
     if missing:
         raise DataError(f"conflict needs both modalities; the batch has no {', '.join(missing)}")
-    inputs = {m: torch.as_tensor(batch[m]).to(device, non_blocking=True) for m in MODALITIES}
-    y = torch.as_tensor(batch["label"]).to(device).long()
-    return inputs, y
+
+    def usable(t: Any) -> torch.Tensor:
+        t = torch.as_tensor(t).to(device, non_blocking=True)
+        return t.clone() if t.is_inference() else t
+
+    return {m: usable(batch[m]) for m in MODALITIES}, usable(batch["label"]).long()
 
 
-def _engine(method: str, encs: dict[str, Encoder]) -> str:
+def _engines(method: str, encs: dict[str, Encoder]) -> dict[str, str]:
+    """The per-sample engine of each encoder."""
     if method not in ("auto", *ENGINES):
         raise ValueError(f"method must be auto, {', '.join(ENGINES)}; got {method!r}")
-    hooks_ok = all(hooks_apply(e) for e in encs.values())
-    if method == "hooks" and not hooks_ok:
-        raise ValueError("the hooks engine needs encoders built from Conv2d / Linear / eval-mode BatchNorm")
-    return ("hooks" if hooks_ok else "vmap") if method == "auto" else method
+    if method == "hooks" and not all(hooks_apply(e) for e in encs.values()):
+        raise ValueError("the hooks engine needs encoders whose parameters each belong to one module")
+    if method == "auto":
+        return {m: "hooks" if hooks_apply(e) else "vmap" for m, e in encs.items()}
+    return {m: method for m in encs}
+
+
+class ConflictMeter:
+    """MMPareto / PCGrad / head / per-sample gradient conflict, one batch at a time.
+
+    ``meter.add(batch)`` measures a batch (dicts with ``audio`` (B, F, T), ``visual``
+    (B, 3, T, H, W), ``label`` (B,) and, ideally, ``index`` (B,) dataset indices, else positions in
+    the stream); ``meter.result()`` gives the :class:`GradientConflict` so far. Options as
+    :func:`measure`. Each ``add`` restores the model's train/eval flags, buffers and requires_grad
+    flags before it returns and leaves ``.grad`` alone, so it can run inside another pass over the
+    same model (it leaves inference mode for its own passes).
+    """
+
+    def __init__(self, parts: AVParts, device: torch.device | str = "cpu", per_sample: bool = True,
+                 train_mode: bool = False, *, method: str = "auto", gamma: float = MMPARETO_GAMMA,
+                 memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None, sketch: int | None = None,
+                 sketch_seed: int = 0, amp: bool = False, top_k: int = 10):
+        self.device = torch.device(device)
+        self.parts = parts
+        self.per_sample, self.train_mode, self.gamma = per_sample, bool(train_mode), gamma
+        model = parts.model.to(self.device)
+        self.encs = {m: encoder_info(model, m, parts.encoders[m]) for m in MODALITIES}
+        kinds = _engines(method, self.encs)
+        enc_ids = {id(p) for e in self.encs.values() for p in e.params}
+        head_params = [p for p in model.parameters() if id(p) not in enc_ids]
+        self.engine = Engine(parts, self.encs, head_params, self.device, kinds, memory_bytes,
+                             layer_method=layer_method, sketch=Sketch(sketch, sketch_seed) if sketch else None,
+                             amp=amp)
+        self.kinds = kinds
+        self._result = GradientConflict(parts.unimodal_source, self.train_mode, None, gamma, 0,
+                                        {m: list(e.layers) for m, e in self.encs.items()}, top_k=top_k)
+        self.seen = 0
+
+    def add(self, batch: dict[str, Any]) -> int:
+        """Measure one batch; the number of samples in it."""
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), full_fp32(self.device), \
+                    ModelState(self.parts.model, save_buffers=self.train_mode) as state:
+                return self._add(batch, state)
+        except Exception as e:
+            if is_out_of_memory(e):
+                where = "GPU" if self.device.type == "cuda" else "host"
+                raise ModelError(f"out of {where} memory measuring gradient conflict within a budget of "
+                                 f"{format_bytes(self.engine.memory_bytes)}: lower --max-memory") from e
+            raise
+
+    def _add(self, batch: dict[str, Any], state: ModelState) -> int:
+        inputs, y = _batch_inputs(batch, self.device)
+        n = int(y.shape[0])
+        index = batch.get("index")
+        index = torch.as_tensor(index).long().tolist() if index is not None else list(range(self.seen, self.seen + n))
+        self.seen += n
+        samples = None
+        if self.train_mode:
+            record = self.engine.train_batch(inputs, y)
+            state.reset_buffers()  # undo the running-statistics update of a train-mode forward
+            if self.per_sample:
+                samples = self.engine.eval_batch(inputs, y, with_samples=True, with_batch=False)[1]
+        else:
+            record, samples = self.engine.eval_batch(inputs, y, self.per_sample, with_batch=True)
+        if not self._result.batches:
+            self._result.head_shared = int(sum(int(mk.sum()) for mk in self.engine.masks if mk is not None))
+        if samples is not None:
+            cos = {m: sample_cosines(p) for m, p in samples.items()}
+            self._result.samples.extend(SampleConflict(i, lab, ca, cv) for i, lab, ca, cv
+                                        in zip(index, y.tolist(), cos["audio"], cos["visual"]))
+        self._result.batches.append(self._batch(record, len(self._result.batches), n, index))
+        return n
+
+    def _batch(self, record: BatchRecord, position: int, n: int, index: list[int]) -> BatchConflict:
+        figures = {m: encoder_figures(record.per_tensor[m], enc, self.gamma) for m, enc in self.encs.items()}
+        return BatchConflict(position, n, min(index) if index else self.seen - n, record.losses["multimodal"],
+                             {m: record.losses[m] for m in MODALITIES}, figures,
+                             None if record.head is None else cosine(*record.head))
+
+    def result(self) -> GradientConflict:
+        """The result over the batches added so far (samples in dataset-index order)."""
+        r = self._result
+        if self.per_sample:
+            used = self.engine.methods or {("sketch" if k == "hooks" and self.engine.sketch else k)
+                                           for k in self.kinds.values()}
+            r.per_sample_method = "+".join(sorted(used))
+            r.engine = self.engine.report()
+            r.sketch = self.engine.sketch_report()
+        r.samples.sort(key=lambda s: s.index)
+        return r
 
 
 def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
             per_sample: bool = True, train_mode: bool = False, *, method: str = "auto",
-            gamma: float = MMPARETO_GAMMA, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-            top_k: int = 10) -> GradientConflict:
+            gamma: float = MMPARETO_GAMMA, memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None,
+            sketch: int | None = None, sketch_seed: int = 0, amp: bool = False, top_k: int = 10,
+            on_batch: Callable[[int], None] | None = None) -> GradientConflict:
     """MMPareto / PCGrad / head / per-sample gradient conflict of ``parts`` over ``batches``.
 
     ``batches``: dicts with ``audio`` (B, F, T), ``visual`` (B, 3, T, H, W), ``label`` (B,) and,
@@ -152,87 +248,20 @@ def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.dev
     ``train_mode``: the per-batch gradients with BatchNorm in train mode (batch statistics, as in a
     training step; the running statistics are restored afterwards); per-sample gradients are always
     taken in eval mode. ``method``: per-sample engine, ``"auto"`` (hooks where they apply, else
-    vmap), ``"hooks"``, ``"vmap"`` or ``"loop"``. ``memory_bytes`` bounds the per-sample
-    temporaries of a chunk. The model is moved to ``device``; its train/eval flags, buffers and
-    requires_grad flags are restored afterwards and no ``.grad`` is touched.
+    vmap), ``"hooks"``, ``"vmap"`` or ``"loop"``; ``layer_method`` forces one method of
+    :mod:`avdiag.measure.conflict.layers` on every layer it applies to (default: timed choice).
+    ``memory_bytes``: the memory budget of the eval-mode passes (chunks are sized from it; a
+    train-mode batch takes one pass over the whole batch). ``sketch``: approximate per-sample
+    cosines from a random projection of that many numbers per layer (``sketch_seed``); the result
+    then says so and carries the error measured on the first samples. ``amp``: autocast on CUDA.
+    ``on_batch(n)`` is called after each batch. The model is moved to ``device``; its train/eval
+    flags, buffers and requires_grad flags are restored afterwards and no ``.grad`` is touched.
     """
-    device = torch.device(device)
-    model = parts.model.to(device)
-    encs = {m: encoder_info(model, m, parts.encoders[m]) for m in MODALITIES}
-    engine = _engine(method, encs)
-    enc_ids = {id(p) for e in encs.values() for p in e.params}
-    head_params = [p for p in model.parameters() if id(p) not in enc_ids]
-    result = GradientConflict(parts.unimodal_source, bool(train_mode), engine if per_sample else None, gamma, 0,
-                              {m: list(e.layers) for m, e in encs.items()}, top_k=top_k)
-    masks: list[torch.Tensor | None] | None = None
-    engines_used: set[str] = set()
-    seen = 0
-    with ModelState(model, save_buffers=train_mode) as state, torch.enable_grad():
-        for position, batch in enumerate(batches):
-            inputs, y = _batch_inputs(batch, device)
-            n = int(y.shape[0])
-            index = batch.get("index")
-            index = torch.as_tensor(index).long().tolist() if index is not None else list(range(seen, seen + n))
-            seen += n
-            shared = per_sample and not train_mode and engine == "hooks"
-            try:
-                record, samples = _measure_batch(parts, encs, inputs, y, head_params, masks, train_mode, shared,
-                                                 gamma, memory_bytes)
-            except EngineUnsupported:  # e.g. a module run twice: per-sample products from their own passes
-                shared = False
-                record, samples = _measure_batch(parts, encs, inputs, y, head_params, masks, train_mode, False,
-                                                 gamma, memory_bytes)
-            state.reset_buffers()  # undo the running-statistics update of a train-mode forward
-            if masks is None:
-                masks = record["masks"]
-                result.head_shared = int(sum(int(mk.sum()) for mk in masks if mk is not None))
-            if per_sample:
-                if shared:
-                    engines_used.add("hooks")
-                else:
-                    products, used = sample_products(parts, encs, inputs, y, engine, memory_bytes)
-                    samples = {m: sample_cosines(p) for m, p in products.items()}
-                    engines_used.add(used)
-                result.samples.extend(SampleConflict(i, lab, ca, cv) for i, lab, ca, cv
-                                      in zip(index, y.tolist(), samples["audio"], samples["visual"]))
-            result.batches.append(BatchConflict(
-                position, n, min(index) if index else seen - n, record["losses"]["multimodal"],
-                {m: record["losses"][m] for m in MODALITIES}, record["modalities"], record["head_cos"]))
-    if per_sample:
-        result.per_sample_method = "+".join(sorted(engines_used)) if engines_used else engine
-    result.samples.sort(key=lambda s: s.index)
-    return result
-
-
-def _measure_batch(parts: AVParts, encs: dict[str, Encoder], inputs: dict[str, torch.Tensor], y: torch.Tensor,
-                   head_params: list[nn.Parameter], masks, train_mode: bool, with_samples: bool, gamma: float,
-                   memory_bytes: int) -> tuple[dict[str, Any], dict[str, list[float]] | None]:
-    """Per-batch figures; with ``with_samples`` (eval mode, hooks engine) the per-sample cosines
-    from the same forward and backward passes."""
-    parts.model.train(train_mode)
-    with ExitStack() as stack:
-        caps = capture(encs, stack) if with_samples else None
-        feats = parts.features(inputs)
-        if caps is not None:
-            stack.close()  # hooks off before the head runs
-        masks = shared_masks(parts, head_params, feats) if masks is None else masks
-        head = head_pass(parts, feats, y, head_params, masks)
-    record: dict[str, Any] = {"losses": head.losses, "modalities": {}, "masks": masks,
-                              "head_cos": None if head.head_products is None else cosine(*head.head_products)}
-    samples = {} if with_samples else None
-    for m, enc in encs.items():
-        # with hooks: gradients at the module outputs only; the parameter gradients of the batch
-        # are the sums of the per-sample ones (or, where those are never formed, a weight-only
-        # convolution backward), so autograd computes no weight gradient twice
-        if caps is not None:
-            products, grads = encoder_products(enc, caps[m], feats[m], head.cot_mm[m], head.cot_uni[m],
-                                               memory_bytes, batch_grads=True)
-            samples[m] = sample_cosines(products)
-            g1 = [grads.grads[id(p)][0] for p in enc.params]
-            g2 = [grads.grads[id(p)][1] for p in enc.params]
-        else:
-            g1 = torch.autograd.grad(feats[m], enc.params, head.cot_mm[m], retain_graph=True, allow_unused=True)
-            g2 = torch.autograd.grad(feats[m], enc.params, head.cot_uni[m], allow_unused=True)
-        record["modalities"][m] = encoder_figures(tensor_products(g1, g2, enc.params).cpu().tolist(), enc, gamma)
-        del g1, g2
-    return record, samples
+    meter = ConflictMeter(parts, device, per_sample, train_mode, method=method, gamma=gamma,
+                          memory_bytes=memory_bytes, layer_method=layer_method, sketch=sketch,
+                          sketch_seed=sketch_seed, amp=amp, top_k=top_k)
+    for batch in batches:
+        n = meter.add(batch)
+        if on_batch is not None:
+            on_batch(n)
+    return meter.result()

@@ -1,32 +1,27 @@
 """Per-sample gradient products ``<g1_i, g2_i>``, ``|g1_i|^2``, ``|g2_i|^2`` of an encoder, in eval
 mode, by one of three exact engines:
 
-* ``"hooks"`` (:mod:`avdiag.measure.conflict.hooks`): batched passes and per-module products, no
-  per-sample gradient of the whole encoder ever held. Applies to encoders built from ``Conv2d``,
-  ``Linear`` and eval-mode ``BatchNorm`` modules that each run once per forward.
-* ``"vmap"``: ``torch.func.functional_call`` + ``vmap`` over ``vjp`` of the encoder, per-sample
-  gradients materialised for a chunk of samples at a time. Applies where the hooks engine does not
-  (other parameterised module types, a module run twice); slower on CPU.
+* ``"hooks"`` (:mod:`avdiag.measure.conflict.hooks`): batched passes and per-module products with a
+  method chosen per layer, no per-sample gradient of the whole encoder ever held. Applies to
+  encoders whose parameterised modules each run once per forward and own their parameters.
+* ``"vmap"``: ``torch.func.functional_call`` + ``vmap`` over ``vjp`` of the whole encoder,
+  per-sample gradients materialised for a few samples at a time. Applies where the hooks engine
+  does not (a module run twice, a parameter shared by two modules); slower on CPU.
 * ``"loop"``: one forward and two backward passes per sample through autograd. The slowest; it
   applies to any encoder autograd can differentiate, including ones ``torch.func`` cannot trace.
 
-Both batched engines do the arithmetic of the loop (one forward and two backward passes per
-encoder plus the per-sample products); what they save is the loop's per-call overhead, large on a
-GPU and small on a CPU at full image sizes.
+This module holds the two whole-encoder engines; :mod:`~avdiag.measure.conflict.engine` runs all
+three over the chunks of a batch.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 import torch
 from torch import nn
 
-from avdiag.measure.conflict.gradients import Encoder, head_pass, tensor_products
-from avdiag.measure.conflict.hooks import EngineUnsupported, capture, encoder_products
-from avdiag.measure.conflict.products import F64, chunk_size, unit_rows
+from avdiag.measure.conflict.gradients import Encoder, tensor_products
+from avdiag.measure.conflict.products import F64, chunk_size
 from avdiag.models.av import audio_features, visual_features
-from avdiag.models.parts import AVParts
 
 ENGINES = ("hooks", "vmap", "loop")
 
@@ -69,43 +64,18 @@ def loop_products(enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Ten
     """(n, 3) float64 per-sample products from one forward and two backward passes per sample."""
     wrapper = EncoderFeatures(enc.module, enc.modality)
     rows = []
-    for i in range(x.shape[0]):
-        feature = wrapper(x[i:i + 1])
-        g1 = torch.autograd.grad(feature, enc.params, c1[i:i + 1], retain_graph=True, allow_unused=True)
-        g2 = torch.autograd.grad(feature, enc.params, c2[i:i + 1], allow_unused=True)
-        rows.append(tensor_products(g1, g2, enc.params).sum(0))
+    with torch.enable_grad():
+        for i in range(x.shape[0]):
+            feature = wrapper(x[i:i + 1])
+            g1 = torch.autograd.grad(feature, enc.params, c1[i:i + 1], retain_graph=True, allow_unused=True)
+            g2 = torch.autograd.grad(feature, enc.params, c2[i:i + 1], allow_unused=True)
+            rows.append(tensor_products(g1, g2, enc.params).sum(0))
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=F64)
 
 
-def _hooks_pass(parts: AVParts, encs: dict[str, Encoder], inputs: dict[str, torch.Tensor], y: torch.Tensor,
-                memory_bytes: int) -> dict[str, torch.Tensor]:
-    with ExitStack() as stack:
-        caps = capture(encs, stack)
-        feats = parts.features(inputs)
-    head = head_pass(parts, feats, y, [], None)
-    return {m: encoder_products(enc, caps[m], feats[m], head.cot_mm[m], head.cot_uni[m], memory_bytes)[0]
-            for m, enc in encs.items()}
-
-
-def sample_products(parts: AVParts, encs: dict[str, Encoder], inputs: dict[str, torch.Tensor], y: torch.Tensor,
-                    engine: str, memory_bytes: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Per modality the (n, 3) per-sample products of ``CE_i(fused)`` and ``CE_i(uni-modal m)`` on
-    encoder ``m``, in eval mode, on passes of their own; also the engine used ("hooks" falls back to
-    "vmap" where a module does not run exactly once)."""
-    parts.model.eval()
-    if engine == "hooks":
-        try:
-            return _hooks_pass(parts, encs, inputs, y, memory_bytes), "hooks"
-        except EngineUnsupported:
-            engine = "vmap"
-    with torch.no_grad():
-        feats = parts.features(inputs)
-    head = head_pass(parts, feats, y, [], None)
-    out = {}
-    for m, enc in encs.items():
-        c1, c2 = unit_rows(head.cot_mm[m].detach())[0], unit_rows(head.cot_uni[m].detach())[0]
-        if engine == "vmap":
-            out[m] = vmap_products(enc, inputs[m], c1, c2, memory_bytes)
-        else:
-            out[m] = loop_products(enc, inputs[m], c1, c2)
-    return out, engine
+def encoder_products(engine: str, enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+                     memory_bytes: int) -> torch.Tensor:
+    """(n, 3) per-sample products of a whole encoder by ``engine`` ("vmap" or "loop")."""
+    if engine == "vmap":
+        return vmap_products(enc, x, c1, c2, memory_bytes)
+    return loop_products(enc, x, c1, c2)

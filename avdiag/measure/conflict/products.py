@@ -14,6 +14,13 @@ import torch
 F64 = torch.float64
 
 
+def cosine(dot: float, n1: float, n2: float) -> float:
+    """Cosine from an inner product and two SQUARED norms; NaN when a vector is zero."""
+    if not (n1 > 0 and n2 > 0):
+        return math.nan
+    return max(-1.0, min(1.0, dot / math.sqrt(n1 * n2)))
+
+
 def chunk_size(n: int, per_sample_floats: int, memory_bytes: int) -> int:
     """How many samples fit in ``memory_bytes`` of float32 temporaries (at least one)."""
     return max(1, min(n, memory_bytes // max(1, 4 * per_sample_floats)))
@@ -24,6 +31,14 @@ def gram3(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     tensors' dtype, torch's cascade summation, then widened)."""
     x1, x2 = x1.flatten(1), x2.flatten(1)
     return torch.stack([(x1 * x2).sum(1), (x1 * x1).sum(1), (x2 * x2).sum(1)], 1).to(F64)
+
+
+def pair_gram(g: torch.Tensor) -> torch.Tensor:
+    """(c, 2, ...) pairs stacked on dim 1 -> (c, 3) float64 as :func:`gram3` of ``g[:, 0]``, ``g[:, 1]``:
+    one batched matrix product over the data, no temporary the size of the input."""
+    flat = g.reshape(g.shape[0], 2, -1)
+    prod = torch.bmm(flat, flat.transpose(1, 2))  # (c, 2, 2)
+    return torch.stack([prod[:, 0, 1], prod[:, 0, 0], prod[:, 1, 1]], 1).to(F64)
 
 
 def pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

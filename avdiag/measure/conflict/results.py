@@ -156,6 +156,79 @@ class ModalityConflict:
                    cos_per_batch=[read_float(v) for v in d["cos_per_batch"]], most_conflicting=worst, **floats)
 
 
+def merged_methods(values: Sequence[str | None]) -> str | None:
+    """Methods named by several shards (each possibly "a+b"), sorted and joined by "+"."""
+    names = sorted({m for v in values if v for m in v.split("+")})
+    return "+".join(names) if names else None
+
+
+@dataclass
+class EngineReport:
+    """How the per-sample products were computed: the engine of each encoder, the method chosen per
+    layer with the trial times that chose it (seconds per sample), the memory budget, the measured
+    activation memory of one sample and the chunk size it allowed."""
+
+    per_sample: dict[str, str]  # modality -> "hooks" / "vmap" / "loop" / "sketch"
+    layers: dict[str, str]  # layer -> method ("a+b" when shards or batches chose differently)
+    trials: dict[str, dict[str, float]]  # layer -> method -> seconds per sample in the trial
+    memory_budget: int  # bytes
+    per_sample_bytes: int | None  # measured activation memory of one sample
+    chunk_size: int | None  # samples per chunk (largest used)
+    amp: str | None = None  # autocast dtype, None in full float32
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineReport":
+        return cls(dict(d["per_sample"]), dict(d["layers"]),
+                   {k: {m: read_float(t) for m, t in v.items()} for k, v in d["trials"].items()},
+                   int(d["memory_budget"]), None if d["per_sample_bytes"] is None else int(d["per_sample_bytes"]),
+                   None if d["chunk_size"] is None else int(d["chunk_size"]), d.get("amp"))
+
+    @classmethod
+    def combine(cls, reports: Sequence["EngineReport"]) -> "EngineReport":
+        first = reports[0]
+        keys = lambda attr: sorted({k for r in reports for k in getattr(r, attr)})  # noqa: E731
+        largest = lambda attr: max((getattr(r, attr) for r in reports if getattr(r, attr) is not None),  # noqa: E731
+                                   default=None)
+        trials = {}
+        for r in reports:
+            for layer, times in r.trials.items():
+                trials.setdefault(layer, times)
+        return cls({m: merged_methods([r.per_sample.get(m) for r in reports]) for m in keys("per_sample")},
+                   {k: merged_methods([r.layers.get(k) for r in reports]) for k in keys("layers")},
+                   trials, first.memory_budget, largest("per_sample_bytes"), largest("chunk_size"), first.amp)
+
+
+@dataclass
+class SketchReport:
+    """The approximate mode's settings and its error, measured on the run's own first samples: the
+    sketched cosines against the exact ones (both modalities; ``checked`` pairs compared)."""
+
+    dim: int  # numbers per layer
+    seed: int
+    checked: int
+    max_abs_error: float
+    mean_abs_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SketchReport":
+        return cls(int(d["dim"]), int(d["seed"]), int(d["checked"]), read_float(d["max_abs_error"]),
+                   read_float(d["mean_abs_error"]))
+
+    @classmethod
+    def combine(cls, reports: Sequence["SketchReport"]) -> "SketchReport":
+        checked = sum(r.checked for r in reports)
+        total = math.fsum(r.mean_abs_error * r.checked for r in reports if r.checked)
+        return cls(reports[0].dim, reports[0].seed, checked,
+                   max((r.max_abs_error for r in reports if r.checked), default=math.nan),
+                   total / checked if checked else math.nan)
+
+
 @dataclass
 class GradientConflict:
     """Everything the conflict measure found: per-batch records, per-sample rows, and summaries
@@ -164,13 +237,15 @@ class GradientConflict:
 
     unimodal_source: str  # "heads" / "slice" / "ablation"
     train_mode: bool  # mode of the per-batch gradients (per-sample ones are always eval)
-    per_sample_method: str | None  # "hooks" / "vmap" / "loop" (joined by "+" when several) / None
+    per_sample_method: str | None  # "hooks" / "vmap" / "loop" / "sketch" (joined by "+" when several) / None
     gamma: float
     head_shared: int  # head parameter elements both uni-modal logits depend on
     layers: dict[str, list[str]]  # modality -> module names of the per-layer breakdown
     batches: list[BatchConflict] = field(default_factory=list)
     samples: list[SampleConflict] = field(default_factory=list)
     top_k: int = 10
+    engine: EngineReport | None = None  # how the per-sample products were computed
+    sketch: SketchReport | None = None  # set when the per-sample cosines are approximate
 
     @property
     def head_note(self) -> str:
@@ -215,8 +290,10 @@ class GradientConflict:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({
             "unimodal_source": self.unimodal_source, "train_mode": self.train_mode,
-            "per_sample_method": self.per_sample_method, "per_sample_mode": "eval", "gamma": self.gamma,
-            "top_k": self.top_k,
+            "per_sample_method": self.per_sample_method, "per_sample_mode": "eval",
+            "per_sample_exact": self.sketch is None, "gamma": self.gamma, "top_k": self.top_k,
+            "engine": self.engine.to_dict() if self.engine is not None else None,
+            "sketch": self.sketch.to_dict() if self.sketch is not None else None,
             "head": {"shared_parameters": self.head_shared, "note": self.head_note, "cos_mean": self.head_cos_mean},
             "modalities": {m: s.to_dict() for m, s in self.summaries.items()},
             "layers": self.layers,
@@ -231,7 +308,9 @@ class GradientConflict:
         return cls(d["unimodal_source"], bool(d["train_mode"]), d["per_sample_method"], float(d["gamma"]), shared,
                    {m: list(v) for m, v in d["layers"].items()},
                    [BatchConflict.from_dict(b, shared_head=shared > 0) for b in d["batches"]],
-                   [SampleConflict.from_dict(s) for s in d["samples"]], int(d.get("top_k", 10)))
+                   [SampleConflict.from_dict(s) for s in d["samples"]], int(d.get("top_k", 10)),
+                   EngineReport.from_dict(d["engine"]) if d.get("engine") else None,
+                   SketchReport.from_dict(d["sketch"]) if d.get("sketch") else None)
 
     @classmethod
     def combine(cls, parts: Sequence["GradientConflict"]) -> "GradientConflict":
@@ -245,8 +324,13 @@ class GradientConflict:
         settings = lambda p: (p.unimodal_source, p.train_mode, p.gamma, p.head_shared, p.layers)  # noqa: E731
         if any(settings(p) != settings(first) for p in measured[1:]):
             raise ValueError("cannot combine conflict results of different models or settings")
-        methods = {m for p in parts if p.samples and p.per_sample_method for m in p.per_sample_method.split("+")}
+        if len({p.sketch is None for p in measured}) > 1:
+            raise ValueError("cannot combine exact and sketched per-sample cosines")
+        method = merged_methods([p.per_sample_method for p in parts if p.samples])
         batches = sorted((b for p in parts for b in p.batches), key=lambda b: (b.first_index, b.position))
         samples = sorted((s for p in parts for s in p.samples), key=lambda s: s.index)
-        return cls(first.unimodal_source, first.train_mode, "+".join(sorted(methods)) if methods else None,
-                   first.gamma, first.head_shared, first.layers, batches, samples, first.top_k)
+        engines = [p.engine for p in parts if p.engine is not None and p.samples]
+        sketches = [p.sketch for p in parts if p.sketch is not None]
+        return cls(first.unimodal_source, first.train_mode, method, first.gamma, first.head_shared, first.layers,
+                   batches, samples, first.top_k, EngineReport.combine(engines) if engines else first.engine,
+                   SketchReport.combine(sketches) if sketches else None)
