@@ -275,3 +275,19 @@ def test_zip_record_mutation(
         for record_name, record_data in records:
             zf.writestr(record_name, record_data)
     inspect_bytes(seeds, buf.getvalue(), ".pt")
+
+
+def test_a_zip_needing_a_newer_extractor_is_one_line(tmp_path, cli):
+    """A flipped byte in the central directory's 'version needed' field makes zipfile raise
+    NotImplementedError; it is a damaged file like any other."""
+    import struct
+
+    import torch
+
+    path = tmp_path / "v64.pt"
+    torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.zeros(4)}, path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x01\x02")
+    raw[at + 6:at + 8] = struct.pack("<H", 64)
+    path.write_bytes(bytes(raw))
+    assert cli("inspect", path).error() == f"{path}: damaged zip archive (zip file version 6.4)"

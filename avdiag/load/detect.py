@@ -74,7 +74,7 @@ def _zip_kind(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
         raise UnreadableCheckpointError(f"{path}: damaged zip archive ({e})") from e
     if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names):
         return TORCH_EXPORT

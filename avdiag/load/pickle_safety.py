@@ -248,5 +248,5 @@ def _first_line(e: BaseException) -> str:
 def read_zip_record(zf: zipfile.ZipFile, name: str) -> bytes:
     try:
         return zf.read(name)
-    except (KeyError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
         raise UnreadableCheckpointError(f"damaged archive: cannot read {name} ({_first_line(e)})") from e

@@ -129,7 +129,7 @@ def _refuse_torchscript_setstate(path: Path) -> None:
                         f"{path}: refused: the TorchScript archive defines __setstate__ ({name.split('/code/', 1)[1]}), "
                         "code that runs while loading (load with --unsafe only if you trust the file)",
                         ["__setstate__"])
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, NotImplementedError) as e:
         raise UnreadableCheckpointError(f"{path}: damaged TorchScript archive ({_short(e)})") from e
 
 
@@ -137,7 +137,7 @@ def read_torch_export(path: Path, allow: list[str], unsafe: bool) -> RawCheckpoi
     """Read a torch.export .pt2 archive by hand: torch.export.load would unpickle unchecked."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, NotImplementedError) as e:
         raise UnreadableCheckpointError(f"{path}: damaged .pt2 archive ({_short(e)})") from e
     names = zf.namelist()
     program = _pt2_json(zf, names, "models/model.json", path)
