@@ -96,3 +96,14 @@ def test_quiet_is_one_line_at_any_width(command, checkpoint, tmp_path, cli, monk
             "reinit": ["reinit", checkpoint, "-o", tmp_path / "out.pt"]}[command]
     lines = cli(*args, "-q").ok().out.splitlines()
     assert len(lines) == 1, lines
+
+
+@pytest.mark.parametrize("command", [("inspect",), ("diff",), ("reinit",), ("conflict",), ("check",), ("report",),
+                                     ("data", "build")])
+def test_help_shows_no_python_types(command, cli, monkeypatch):
+    """Usage lines and argument rows name arguments plainly: no ``{CHECKPOINT}``, no ``<list[str]>``."""
+    monkeypatch.setenv("COLUMNS", "100")
+    text = cli(*command, "--help").ok().out
+    usage = text.splitlines()[0]
+    assert usage.startswith(f"Usage: avdiag {' '.join(command)} [OPTIONS]") and "{" not in usage, usage
+    assert not re.search(r"list\[|<str>\.\.\.|NoneType|Optional", text), text

@@ -84,6 +84,31 @@ def command(name: str | None = None, group: typer.Typer | None = None):
 _METAVARS = {str: "TEXT", int: "N", float: "X"}
 
 
+def _plain_argument_display() -> None:
+    """Typer writes a required argument as ``{CHECKPOINT}`` in usage lines and a repeated one's type as
+    ``<list[str]>``; show ``CHECKPOINT`` and ``PATHS...`` with the element's type instead. Only applied
+    where this typer has those hooks (older versions already print plain names)."""
+    import re
+
+    argument = getattr(typer.core, "TyperArgument", None)
+    if argument is None or not hasattr(argument, "_usage_display_name") or getattr(argument, "_avdiag_plain", False):
+        return
+    usage, display_type = argument._usage_display_name, argument.display_type
+
+    def plain_usage(self) -> str:
+        name = usage(self)
+        return name.replace("{", "").replace("}", "") if self.required else name
+
+    def plain_type(self, ctx) -> str:
+        return re.sub(r"list\[([^\]]*)\]", r"\1", display_type(self, ctx) or "")
+
+    argument._usage_display_name, argument.display_type = plain_usage, plain_type
+    argument._avdiag_plain = True
+
+
+_plain_argument_display()
+
+
 def _plain_metavar(parameter) -> None:
     """Usage lines without Python types: arguments by their upper-case name (CHECKPOINT, PATHS...), options
     by a plain word (TEXT, N, X, PATH) unless they name their own metavar (choices, formats)."""
