@@ -479,7 +479,7 @@ def test_a_registered_family_is_detected_built_and_run(tmp_path):
     assert located.layout.name == "single"
     with pytest.raises(ModelError, match="layout 'single' matches no built-in architecture"):
         resolve_model(load_checkpoint(path), located.layout)
-    with pytest.raises(TypeError, match="^_ToyAV is not a built-in audio-visual classifier$"):
+    with pytest.raises(TypeError, match="^_ToyAV is neither a built-in audio-visual classifier nor follows the adapter"):
         av_parts(original)
 
 

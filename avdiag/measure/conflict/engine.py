@@ -172,12 +172,22 @@ class Engine:
             grads = sums.grads if with_batch else None
             got = self._hooks(m, enc, caps, feats[m], c1, c2, grads, check)
             if got is None:
-                got = encoder_products(self.kinds[m], enc, chunk[m], c1.detach(), c2.detach(),
-                                       temporaries_budget(self.memory_bytes))
+                got = self._whole_encoder(m, enc, chunk[m], c1.detach(), c2.detach())
                 if with_batch:
                     self._autograd_grads(enc, feats[m], cot1 * share, cot2 * share, sums.grads)
             self.kinds_used.add((m, self.kinds[m]))
             products[m].append(got)
+
+    def _whole_encoder(self, m: str, enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+        """Encoder ``m``'s products by vmap, or by the loop (for the rest of the run) where an operation
+        of the encoder has no batching rule."""
+        try:
+            return encoder_products(self.kinds[m], enc, x, c1, c2, temporaries_budget(self.memory_bytes))
+        except RuntimeError as e:
+            if self.kinds[m] != "vmap" or isinstance(e, torch.OutOfMemoryError):
+                raise
+            self.kinds[m] = "loop"
+            return encoder_products("loop", enc, x, c1, c2, temporaries_budget(self.memory_bytes))
 
     def _hooks(self, m: str, enc: Encoder, caps: dict[str, Capture], feature: torch.Tensor, c1: torch.Tensor,
                c2: torch.Tensor, grads: BatchGrads | None, check: bool) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avdiag.measure.conflict.products import F64, stats3
-from avdiag.models.parts import AVParts
+from avdiag.models.parts import AVParts, FeatureFn
 
 MODALITIES = ("audio", "visual")
 
@@ -29,6 +29,7 @@ class Encoder:
     layers: list[str]  # qualified module names (in the model)
     modules: list[nn.Module]  # the module of each layer
     shares_parameters: bool = False  # a parameter owned by more than one module (hooks engine: no)
+    feature_fn: FeatureFn | None = None  # (encoder, input) -> pooled features; None: the built-in pooling
 
 
 def _qualified_prefix(model: nn.Module, module: nn.Module) -> str:
@@ -38,7 +39,7 @@ def _qualified_prefix(model: nn.Module, module: nn.Module) -> str:
     return ""
 
 
-def encoder_info(model: nn.Module, modality: str, enc: nn.Module) -> Encoder:
+def encoder_info(model: nn.Module, modality: str, enc: nn.Module, feature_fn: FeatureFn | None = None) -> Encoder:
     """The parameters of ``enc`` in module order, each owned by the first module that holds it."""
     prefix = _qualified_prefix(model, enc)
     names, params, owners, layers, modules = [], [], [], [], []
@@ -57,7 +58,7 @@ def encoder_info(model: nn.Module, modality: str, enc: nn.Module) -> Encoder:
             names.append(f"{mod_name}.{n}" if mod_name else n)
             params.append(p)
             owners.append(len(layers) - 1)
-    return Encoder(modality, enc, names, params, owners, layers, modules, shares)
+    return Encoder(modality, enc, names, params, owners, layers, modules, shares, feature_fn)
 
 
 class ModelState:

@@ -139,14 +139,16 @@ def _batch_inputs(batch: dict[str, Any], device: torch.device) -> tuple[dict[str
     return {m: usable(batch[m]) for m in MODALITIES}, usable(batch["label"]).long()
 
 
-def _engines(method: str, encs: dict[str, Encoder]) -> dict[str, str]:
+def _engines(method: str, encs: dict[str, Encoder], sample_major_rows: bool = True) -> dict[str, str]:
     """The per-sample engine of each encoder."""
     if method not in ("auto", *ENGINES):
         raise ValueError(f"method must be auto, {', '.join(ENGINES)}; got {method!r}")
     if method == "hooks" and not all(hooks_apply(e) for e in encs.values()):
         raise ValueError("the hooks engine needs encoders whose parameters each belong to one module")
     if method == "auto":
-        return {m: "hooks" if hooks_apply(e) else "vmap" for m, e in encs.items()}
+        # An adapter model's encoder may lay a sample's rows out in any order (frames first, tokens...),
+        # which the hooks engine cannot see; vmap over whole samples is exact whatever the layout.
+        return {m: "hooks" if hooks_apply(e) and sample_major_rows else "vmap" for m, e in encs.items()}
     return {m: method for m in encs}
 
 
@@ -169,8 +171,8 @@ class ConflictMeter:
         self.parts = parts
         self.per_sample, self.train_mode, self.gamma = per_sample, bool(train_mode), gamma
         model = parts.model.to(self.device)
-        self.encs = {m: encoder_info(model, m, parts.encoders[m]) for m in MODALITIES}
-        kinds = _engines(method, self.encs)
+        self.encs = {m: encoder_info(model, m, parts.encoders[m], parts.feature_fns[m]) for m in MODALITIES}
+        kinds = _engines(method, self.encs, parts.sample_major_rows)
         enc_ids = {id(p) for e in self.encs.values() for p in e.params}
         head_params = [p for p in model.parameters() if id(p) not in enc_ids]
         self.engine = Engine(parts, self.encs, head_params, self.device, kinds, memory_bytes,

@@ -16,6 +16,8 @@ three over the chunks of a batch.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -27,12 +29,13 @@ ENGINES = ("hooks", "vmap", "loop")
 
 
 class EncoderFeatures(nn.Module):
-    """Encoder ``m`` plus the pooling of :mod:`avdiag.models.av`, as one module for functional_call."""
+    """Encoder ``m`` plus its pooling (the built-in one of :mod:`avdiag.models.av`, or the adapter's
+    ``feature_fn``), as one module for functional_call."""
 
-    def __init__(self, enc: nn.Module, modality: str):
+    def __init__(self, enc: nn.Module, modality: str, feature_fn=None):
         super().__init__()
         self.enc = enc
-        self.fn = audio_features if modality == "audio" else visual_features
+        self.fn = feature_fn or (audio_features if modality == "audio" else visual_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self.enc, x)
@@ -41,7 +44,7 @@ class EncoderFeatures(nn.Module):
 def vmap_products(enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
                   memory_bytes: int) -> torch.Tensor:
     """(n, 3) float64 per-sample products with per-sample gradients from vmap(vjp) (eval mode)."""
-    wrapper = EncoderFeatures(enc.module, enc.modality)
+    wrapper = EncoderFeatures(enc.module, enc.modality, enc.feature_fn)
     params = {"enc." + name: p.detach() for name, p in zip(enc.names, enc.params)}
 
     def one(p, xi, ui, wi):
@@ -57,12 +60,15 @@ def vmap_products(enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Ten
     batched = torch.func.vmap(one, in_dims=(None, 0, 0, 0))
     n_params = sum(p.numel() for p in enc.params)
     c = chunk_size(x.shape[0], 3 * n_params, memory_bytes)
-    return torch.cat([batched(params, x[s:s + c], c1[s:s + c], c2[s:s + c]) for s in range(0, x.shape[0], c)])
+    with warnings.catch_warnings():
+        # An op without a batching rule (attention kernels) runs one sample at a time: still exact.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return torch.cat([batched(params, x[s:s + c], c1[s:s + c], c2[s:s + c]) for s in range(0, x.shape[0], c)])
 
 
 def loop_products(enc: Encoder, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     """(n, 3) float64 per-sample products from one forward and two backward passes per sample."""
-    wrapper = EncoderFeatures(enc.module, enc.modality)
+    wrapper = EncoderFeatures(enc.module, enc.modality, enc.feature_fn)
     rows = []
     with torch.enable_grad():
         for i in range(x.shape[0]):
