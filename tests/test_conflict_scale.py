@@ -412,3 +412,16 @@ def test_cuda_equals_cpu_and_amp_stays_close(batches, odd):
             for m in ("audio", "visual"):
                 assert abs(a.cos(m) - b.cos(m)) <= 1e-5 and abs(a.cos(m) - c.cos(m)) <= 0.05
         parts.model.cpu()
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_stays_off_unless_asked(tf32, batches, monkeypatch):
+    """The gradient passes run in full float32 (TF32 disabled) unless the caller opts in."""
+    from contextlib import nullcontext
+
+    from avdiag.measure.conflict import mmpareto
+
+    seen: list[bool] = []
+    monkeypatch.setattr(mmpareto, "full_fp32", lambda device, enabled=True: seen.append(enabled) or nullcontext())
+    measure_conflict(built_in_parts(), batches[:1], "cpu", per_sample=False, tf32=tf32)
+    assert seen == [not tf32]

@@ -166,8 +166,9 @@ class ConflictMeter:
     def __init__(self, parts: AVParts, device: torch.device | str = "cpu", per_sample: bool = True,
                  train_mode: bool = False, *, method: str = "auto", gamma: float = MMPARETO_GAMMA,
                  memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None, sketch: int | None = None,
-                 sketch_seed: int = 0, amp: bool = False, top_k: int = 10):
+                 sketch_seed: int = 0, amp: bool = False, tf32: bool = False, top_k: int = 10):
         self.device = torch.device(device)
+        self.tf32 = tf32
         self.parts = parts
         self.per_sample, self.train_mode, self.gamma = per_sample, bool(train_mode), gamma
         model = parts.model.to(self.device)
@@ -186,7 +187,7 @@ class ConflictMeter:
     def add(self, batch: dict[str, Any]) -> int:
         """Measure one batch; the number of samples in it."""
         try:
-            with torch.inference_mode(False), torch.enable_grad(), full_fp32(self.device), \
+            with torch.inference_mode(False), torch.enable_grad(), full_fp32(self.device, enabled=not self.tf32), \
                     ModelState(self.parts.model, save_buffers=self.train_mode) as state:
                 return self._add(batch, state)
         except Exception as e:
@@ -241,8 +242,8 @@ class ConflictMeter:
 def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
             per_sample: bool = True, train_mode: bool = False, *, method: str = "auto",
             gamma: float = MMPARETO_GAMMA, memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None,
-            sketch: int | None = None, sketch_seed: int = 0, amp: bool = False, top_k: int = 10,
-            on_batch: Callable[[int], None] | None = None) -> GradientConflict:
+            sketch: int | None = None, sketch_seed: int = 0, amp: bool = False, tf32: bool = False,
+            top_k: int = 10, on_batch: Callable[[int], None] | None = None) -> GradientConflict:
     """MMPareto / PCGrad / head / per-sample gradient conflict of ``parts`` over ``batches``.
 
     ``batches``: dicts with ``audio`` (B, F, T), ``visual`` (B, 3, T, H, W), ``label`` (B,) and,
@@ -256,12 +257,13 @@ def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.dev
     train-mode batch takes one pass over the whole batch). ``sketch``: approximate per-sample
     cosines from a random projection of that many numbers per layer (``sketch_seed``); the result
     then says so and carries the error measured on the first samples. ``amp``: autocast on CUDA.
+    ``tf32``: allow TF32 matmuls and convolutions on CUDA (default off: full float32).
     ``on_batch(n)`` is called after each batch. The model is moved to ``device``; its train/eval
     flags, buffers and requires_grad flags are restored afterwards and no ``.grad`` is touched.
     """
     meter = ConflictMeter(parts, device, per_sample, train_mode, method=method, gamma=gamma,
                           memory_bytes=memory_bytes, layer_method=layer_method, sketch=sketch,
-                          sketch_seed=sketch_seed, amp=amp, top_k=top_k)
+                          sketch_seed=sketch_seed, amp=amp, tf32=tf32, top_k=top_k)
     for batch in batches:
         n = meter.add(batch)
         if on_batch is not None:
