@@ -657,3 +657,16 @@ def test_visual_layout_feeds_time_first_clips(tmp_path, cli):
     report = cli(*base, "--visual-layout", "BTCHW").json()
     assert report["probe"]["samples"] == 4 and report["probe"]["missing_layers"] == []
     cli(*base).error("failed on a batch", "(check --model / --visual-layout)")  # fed (B, 3, T, H, W)
+
+
+def test_model_factory_in_the_current_folder_and_a_width_mismatch(cli, tmp_path, ogm_checkpoint, cremad_root,
+                                                                 monkeypatch):
+    """``--model mymodels:make`` imports ./mymodels.py; a checkpoint of another width is one line naming
+    the mis-shaped keys with both shapes (load_state_dict would stop mid-sentence)."""
+    (tmp_path / "mymodels_cwd.py").write_text(
+        "from avdiag.models import OGMGEClassifier\n\n"
+        "def make():\n    return OGMGEClassifier(6, 'concat', width=16)\n")
+    monkeypatch.chdir(tmp_path)
+    line = _probe(cli, ogm_checkpoint, cremad_root, "--model", "mymodels_cwd:make").error("wrong shape")
+    assert line.startswith("the checkpoint does not fit mymodels_cwd:make: ") or "does not fit mymodels_cwd:make" in line
+    assert " vs (" in line and "internal error" not in line

@@ -9,6 +9,8 @@ whose tensors fit a registered architecture.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import inspect as pyinspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,9 +194,11 @@ def _from_factory(spec: str, state: dict[str, torch.Tensor]) -> ResolvedModel:
     if not module_name or not attr:
         raise ModelError(f"--model wants package.module:factory, got {spec!r}")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        with _current_folder_importable():
+            factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ModelError(f"--model {spec}: cannot import ({e})") from e
+        raise ModelError(f"--model {spec}: cannot import ({e}); the module must be importable from the current "
+                         "folder or PYTHONPATH") from e
     try:
         module = factory()
     except Exception as e:
@@ -204,6 +208,21 @@ def _from_factory(spec: str, state: dict[str, torch.Tensor]) -> ResolvedModel:
     _strict_load(module, state, spec)
     visual_layout = getattr(module, "visual_layout", "BCTHW")
     return ResolvedModel(module.eval(), f"factory:{spec}", _forward_inputs(module.forward), visual_layout)
+
+
+@contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """``--model mymodels:make`` finds ``./mymodels.py``, as ``python -m`` would (the console script
+    does not put the current folder on sys.path)."""
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
 
 
 def _forward_inputs(forward: Any) -> tuple[str, ...]:
@@ -229,16 +248,18 @@ def _modality_of(name: str) -> str | None:
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    result = module.load_state_dict(state, strict=False)
+    """Load ``state`` into ``module`` only when every key and shape fits; else one line naming the
+    missing, unexpected and mis-shaped keys (load_state_dict would raise mid-way on a shape)."""
     expected = module.state_dict()
-    wrong = [n for n, t in state.items() if n in expected and expected[n].shape != t.shape]
-    if result.missing_keys or result.unexpected_keys or wrong:
-        parts = []
-        for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys),
-                            ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    wrong = [f"{n} {tuple(t.shape)} vs {tuple(expected[n].shape)}" for n, t in state.items()
+             if n in expected and expected[n].shape != t.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ModelError(f"the checkpoint does not fit {what}: " + "; ".join(parts))
+    module.load_state_dict(state)
 
 
 def _from_export(ckpt: Checkpoint) -> ResolvedModel:
