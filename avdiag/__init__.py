@@ -10,6 +10,7 @@ and ``to_frame()``::
     rewrite = avdiag.reinit("ckpt.pt", "patched.pt", avdiag.ReinitOptions("abri", avdiag.AbriOptions(scope="layers")))
     conflict = avdiag.conflict("ckpt.pt", avdiag.DataSource("synthetic"))
     gate = avdiag.check(["models/"])
+    monitor = avdiag.Monitor(model, "run.jsonl")                # while training: monitor.step(batch, logits)
 
 Pipeline: ``load`` (safe checkpoint I/O) -> ``locate`` (layers, modalities, model resolution) ->
 ``measure`` -> ``rewrite`` -> ``report``; ``workflows`` composes them per command, ``cli`` is the
@@ -43,6 +44,7 @@ _EXPORTS = {
     "Subject": "avdiag.workflows.subject",
     "LoadOptions": "avdiag.workflows.subject",
     "DataSource": "avdiag.workflows.datasource",
+    "Monitor": "avdiag.monitor",
     "load_checkpoint": "avdiag.load",
     "Checkpoint": "avdiag.load",
     "Thresholds": "avdiag.measure.thresholds",

@@ -237,3 +237,98 @@ def bad_item_dataset():
 
 
 not_callable = 42
+
+
+# -- the research codebases' own layouts (tests/test_data_layouts.py) -----------------------------
+
+def write_vggsound_ogm(root: Path, rows=VGGSOUND_ROWS, rate: int = 16000, seconds: float = 3.0, frames: int = 4,
+                       audio: str = "wav", mp4: bool = True, skip_files: Sequence[str] = ()) -> Path:
+    """VGGSound as OGM-GE's VGGSoundDataset reads it (``audio="npy", mp4=False``: BalanceBenchmark's files):
+    vggsound.csv at ROOT, {split}-audios/{split}-set/{id}_{start}.wav|.npy,
+    {split}-videos/{split}-set-img/Image-01-FPS/{id}_{start}[.mp4]/frame_k.jpg. The clips of the rows
+    ``{id}_{start}`` in ``skip_files`` get no files. Same tones and frames as :func:`write_vggsound`."""
+    write_rows(root / "vggsound.csv", rows)
+    for k, (vid, start, _, split) in enumerate(rows):
+        clip = f"{vid}_{start}"
+        if clip in skip_files:
+            continue
+        audio_dir = root / f"{split}-audios" / f"{split}-set"
+        if audio == "wav":
+            write_wav(audio_dir / f"{clip}.wav", seconds, rate, freq=300 + 40 * k, seed=k)
+        else:
+            audio_dir.mkdir(parents=True, exist_ok=True)
+            np.save(audio_dir / f"{clip}.npy", np.random.default_rng(k).normal(size=(257, 30)).astype(np.float32))
+        folder = root / f"{split}-videos" / f"{split}-set-img" / "Image-01-FPS" / (clip + (".mp4" if mp4 else ""))
+        for f in range(1, frames + 1):
+            write_jpeg(folder / f"frame_{f}.jpg", 30 * f)
+    return root
+
+
+def write_cremad_pt(root: Path, train=CREMAD_TRAIN, test=CREMAD_TEST, frames: int = 2,
+                    shape: tuple[int, int] = (40, 16)) -> Path:
+    """CREMA-D as MMPareto / Diagnosing & Re-learning / BalanceBenchmark keep it: train.csv, test.csv,
+    audio/{clip}.pt (a precomputed fbank tensor, clip k filled from seed k), visual/{clip}/frame_000NN.jpg."""
+    write_rows(root / "train.csv", train)
+    write_rows(root / "test.csv", test)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for k, (clip, _) in enumerate(list(train) + list(test)):
+        fbank = torch.from_numpy(np.random.default_rng(k).normal(size=shape).astype(np.float32))
+        torch.save(fbank, root / "audio" / f"{clip}.pt")
+        for f in range(1, frames + 1):
+            write_jpeg(root / "visual" / clip / f"frame_000{f:02d}.jpg", 40 * f)
+    return root
+
+
+def write_ks_spaced(root: Path, train=KS_TRAIN, test=KS_TEST, n_frames: int = 8,
+                    shape: tuple[int, int] = (257, 24)) -> Path:
+    """Kinetics-Sounds as BalanceBenchmark reads it: my_train.txt / my_test.txt rows ``name label``
+    separated by spaces (label last), audio/{name}.npy, visual/{name}/frame_0000{t}.jpg (grey 20 * t)."""
+    for name, rows in (("my_train.txt", train), ("my_test.txt", test)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("".join(f"{vid} {label}\n" for vid, label in rows))
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for k, (vid, _) in enumerate(list(train) + list(test)):
+        np.save(root / "audio" / f"{vid}.npy", np.random.default_rng(k).normal(size=shape).astype(np.float32))
+        for t in range(1, n_frames + 1):
+            write_jpeg(root / "visual" / vid / f"frame_0000{t}.jpg", 20 * t)
+    return root
+
+
+AVE_CLASSES = ("Church bell", "Dog", "Acoustic guitar")
+AVE_TRAIN = [("Dog", "aveA"), ("Church bell", "aveB"), ("Acoustic guitar", "aveC"), ("Dog", "aveD")]
+AVE_TEST = [("Dog", "aveE"), ("Church bell", "aveF")]
+
+
+def write_ave_ogm(root: Path, train=AVE_TRAIN, test=AVE_TEST, n_frames: int = 6) -> Path:
+    """AVE as OGM-GE's AVDataset reads it: stat.txt (class names), my_train.txt / my_test.txt rows
+    ``Category,id,good,0,10``, audio_spec/{id}.pkl, visual/{id}/frame_0000{t}.jpg."""
+    write_rows(root / "stat.txt", [(c,) for c in AVE_CLASSES])
+    write_rows(root / "my_train.txt", [(c, vid, "good", 0, 10) for c, vid in train])
+    write_rows(root / "my_test.txt", [(c, vid, "good", 0, 10) for c, vid in test])
+    (root / "audio_spec").mkdir(parents=True, exist_ok=True)
+    for k, (_, vid) in enumerate(list(train) + list(test)):
+        with open(root / "audio_spec" / f"{vid}.pkl", "wb") as fh:
+            pickle.dump(np.random.default_rng(k).normal(size=(257, 20)), fh, protocol=4)
+        for t in range(1, n_frames + 1):
+            write_jpeg(root / "visual" / vid / f"frame_0000{t}.jpg", 20 * t)
+    return root
+
+
+def truncate_file(path: Path, keep: int = 100) -> Path:
+    """Keep the first ``keep`` bytes (a wav cut this short still has its header, which claims more data)."""
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
+def keep_frames(folder: Path, n: int) -> Path:
+    """Delete every image of a frame folder after the first ``n`` (in name order)."""
+    for p in sorted(folder.iterdir())[n:]:
+        p.unlink()
+    return folder
+
+
+def write_malicious_pt(path: Path, sentinel: Path) -> Path:
+    """A torch.save file whose pickle, if ever loaded without weights_only, would create ``sentinel``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fbank": _Payload(sentinel)}, path)
+    return path

@@ -402,8 +402,8 @@ def test_abri_method_folds_the_flagged_channel(tmp_path):
         others = [c for c in range(len(old)) if c != channel]
         assert torch.equal(new[others], old[others]), f"{role}: only channel {channel} may change"
     assert rewrite.parameters == {"method": "abri", "mode": "fold", "alpha": 0.25, "scope": "flagged",
-                                  "modality": None, "running_stats": "reset", "layers": [layer],
-                                  "channels": {layer: [channel]}}
+                                  "modality": None, "running_stats": "reset", "exact_blend": False,
+                                  "layers": [layer], "channels": {layer: [channel]}}
     assert rewrite.diagnosis == {}
 
 

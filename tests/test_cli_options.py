@@ -45,7 +45,8 @@ def test_debug_before_or_after_the_command_shows_the_traceback(tmp_path, cli):
     (["--visual-layout", "BTCHW", "--data", "synthetic"],
      "--visual-layout is for a --model factory (built-in models take (B,3,T,H,W))"),
     (["--visual-layout", "BTCHW"], "--visual-layout is used with --data (the model is only run on data)"),
-    (["--model", "pkg:factory"], "--model is used with --data (the model is only run on data)"),
+    (["--model", "pkg:factory"], "--model pkg:factory: cannot import (No module named 'pkg'); the module must be "
+                                 "importable from the current folder or PYTHONPATH"),
     (["--data", "synthetic", "--device", "mps"], "--device 'mps': avdiag runs on cpu or cuda[:N]"),
     (["--data", "synthetic", "--mean", "a,b"], "--mean wants comma-separated numbers, got 'a,b'"),
 ])

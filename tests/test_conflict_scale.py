@@ -425,3 +425,13 @@ def test_tf32_stays_off_unless_asked(tf32, batches, monkeypatch):
     monkeypatch.setattr(mmpareto, "full_fp32", lambda device, enabled=True: seen.append(enabled) or nullcontext())
     measure_conflict(built_in_parts(), batches[:1], "cpu", per_sample=False, tf32=tf32)
     assert seen == [not tf32]
+
+
+def test_the_default_budget_is_2g_on_a_cpu_and_half_the_free_memory_of_a_gpu(monkeypatch):
+    from avdiag.measure.conflict.budget import DEFAULT_MAX_MEMORY, default_budget
+
+    assert default_budget("cpu") == DEFAULT_MAX_MEMORY == 2 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
+    assert default_budget("cuda") == 50 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 8 * 2**30))
+    assert default_budget("cuda:0") == DEFAULT_MAX_MEMORY  # never below the CPU default

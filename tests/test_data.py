@@ -26,6 +26,8 @@ from data_fixtures import (
     write_malicious_pkl, write_rows, write_vggsound, write_wav, write_wav_folder,
 )
 
+STRICT = DataOptions(strict=True)
+
 
 def reference_log_stft(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
     """librosa.stft(center=True, pad_mode='reflect', window='hann') + log(|S| + 1e-7), in numpy."""
@@ -82,22 +84,21 @@ def test_cremad_alphabetical_order(tmp_path):
 def test_cremad_missing_file_names_expected_path_and_row(tmp_path):
     root = write_cremad(tmp_path / "crema")
     (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").unlink()
-    ds = open_dataset(f"cremad:{root}")          # lazy: the third item is only checked when read
-    ds[0]
+    ds = open_dataset(f"cremad:{root}")          # the row is skipped and reported, not silently dropped
+    assert len(ds) == 2
+    assert ds.report()["skipped"]["rows"] == [{"split": "train", "row": 3, "clip": "1088_IOM_NEU_XX", "kind": "missing",
+                                                "reason": f"expected {root}/AudioWAV/1088_IOM_NEU_XX.wav"}]
     with pytest.raises(DataError) as exc:
-        ds[2]
+        open_dataset(f"cremad:{root}", options=STRICT)
     assert one_line(exc) == (f"cremad:{root}: expected {root}/AudioWAV/1088_IOM_NEU_XX.wav "
                              "(listed in train.csv row 3)")
-    # the first item is checked eagerly
     shutil.rmtree(root / "Image-01-FPS" / "1001_DFA_ANG_XX")
     with pytest.raises(DataError, match=r"expected frame folder .*1001_DFA_ANG_XX/ \(listed in "
                                         r"train.csv row 1\)"):
-        open_dataset(f"cremad:{root}")
+        open_dataset(f"cremad:{root}", options=STRICT)
     (root / "test.csv").unlink()
     with pytest.raises(DataError, match=f"expected list file {root}/test.csv"):
         open_dataset(f"cremad:{root}", split="test")
-
-
 def test_cremad_wrong_sample_rate_is_refused_unless_resampling(tmp_path):
     root = write_cremad(tmp_path / "crema", rate=16000)
     with pytest.raises(DataError) as exc:
@@ -151,9 +152,8 @@ def test_vggsound_first_appearance_order_shapes_and_crop(tmp_path):
 def test_vggsound_errors(tmp_path):
     root = write_vggsound(tmp_path / "vgg")
     (root / "audio" / "vidC_10.wav").unlink()
-    ds = open_dataset(f"vggsound:{root}")
     with pytest.raises(DataError) as exc:
-        ds[1]
+        open_dataset(f"vggsound:{root}", options=STRICT)
     assert one_line(exc) == (f"vggsound:{root}: expected {root}/audio/vidC_10.wav "
                              "(listed in vggsound.csv row 3)")
     write_rows(root / "vggsound.csv", [("vidB", "30", "cat meowing", "train"),
@@ -441,13 +441,12 @@ def test_make_loader_is_deterministic_and_limited():
 
 def test_worker_errors_stay_one_line(tmp_path):
     root = write_cremad(tmp_path / "crema")
-    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").unlink()
-    ds = open_dataset(f"cremad:{root}")
+    write_corrupt_jpeg(root / "Image-01-FPS" / "1088_IOM_NEU_XX" / "00001.jpg")
+    ds = open_dataset(f"cremad:{root}", options=STRICT)
     with pytest.raises(DataError) as exc:
         list(make_loader(ds, batch_size=3, num_workers=1))
-    assert one_line(exc).endswith("1088_IOM_NEU_XX.wav (listed in train.csv row 3)")
-
-
+    msg = one_line(exc)
+    assert "corrupt or unreadable image" in msg and msg.endswith("(listed in train.csv row 3)")
 def test_collate_refuses_mixed_items():
     a = {"audio": torch.zeros(2, 3), "label": 0, "index": 0}
     b = {"visual": torch.zeros(3, 1, 2, 2), "label": 1, "index": 1}

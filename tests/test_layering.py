@@ -20,7 +20,7 @@ LEVELS = {
     "avdiag.measure": 4,
     "avdiag.rewrite": 5,
     "avdiag.report": 6,
-    "avdiag.workflows": 7,
+    "avdiag.workflows": 7, "avdiag.monitor": 7,
     "avdiag.cli": 8, "avdiag.__main__": 8, "avdiag": 9,
 }
 

@@ -473,7 +473,7 @@ def test_error_factory_with_mismatched_keys(cli, ogm_checkpoint, cremad_root):
 def test_error_missing_file_during_the_probe(cli, tmp_path, ogm_checkpoint, cremad_root, workers):
     root = _copy_cremad(cremad_root, tmp_path / "cremad")
     (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").unlink()  # the third train item: found missing mid-probe
-    _probe(cli, ogm_checkpoint, root, "--batch-size", "1", "--num-workers", str(workers)).error(
+    _probe(cli, ogm_checkpoint, root, "--batch-size", "1", "--num-workers", str(workers), "--strict-data").error(
         "1088_IOM_NEU_XX.wav", "train.csv row 3")
 
 
@@ -485,11 +485,23 @@ def test_error_wav_with_wrong_sample_rate(cli, tmp_path, ogm_checkpoint):
 def test_error_corrupt_jpeg(cli, tmp_path, ogm_checkpoint, cremad_root):
     root = _copy_cremad(cremad_root, tmp_path / "cremad")
     write_corrupt_jpeg(root / "Image-01-FPS" / "1002_IEO_HAP_HI" / "00001.jpg")
-    _probe(cli, ogm_checkpoint, root).error("corrupt or unreadable image", "00001.jpg", "train.csv row 2")
+    _probe(cli, ogm_checkpoint, root, "--strict-data").error("corrupt or unreadable image", "00001.jpg",
+                                                            "train.csv row 2")
 
 
-def test_error_model_without_data(cli, ogm_checkpoint):
-    cli("inspect", ogm_checkpoint, "--model", "probe_fixtures:efficientnet_lite0").error("--model is used with --data")
+def test_model_without_data(cli, ogm_checkpoint, tmp_path, monkeypatch):
+    """inspect reads what each BatchNorm feeds from a --model given alone (a factory that does not fit
+    the file is one line); the other commands still need --data for it."""
+    cli("inspect", ogm_checkpoint, "--model", "probe_fixtures:efficientnet_lite0").error(
+        "does not fit probe_fixtures:efficientnet_lite0")
+    (tmp_path / "ogm_alone.py").write_text(
+        "from avdiag.models import OGMGEClassifier\n\n"
+        "def make():\n    return OGMGEClassifier(6, 'concat', width=8)\n")
+    monkeypatch.chdir(tmp_path)
+    doc = cli("inspect", ogm_checkpoint, "--model", "ogm_alone:make", "--json", "-").json()
+    assert doc["summary"]["n_undecided"] == 0
+    cli("reinit", ogm_checkpoint, "--model", "ogm_alone:make", "--out", tmp_path / "x.pt").error(
+        "--model is used with --data")
 
 
 def test_error_data_with_more_classes_than_the_head(cli, ogm_checkpoint, research_data):
@@ -670,3 +682,17 @@ def test_model_factory_in_the_current_folder_and_a_width_mismatch(cli, tmp_path,
     line = _probe(cli, ogm_checkpoint, cremad_root, "--model", "mymodels_cwd:make").error("wrong shape")
     assert line.startswith("the checkpoint does not fit mymodels_cwd:make: ") or "does not fit mymodels_cwd:make" in line
     assert " vs (" in line and "internal error" not in line
+
+
+def test_a_single_input_model_on_audio_visual_data_names_the_modality_it_was_fed(tmp_path, cli):
+    """A plain image ResNet probed with audio-visual data gets the frames; the output says so, and that
+    the audio went unused."""
+    from avdiag.models import resnet18
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(in_channels=3, width=8).eval().state_dict(), path)
+    args = ("inspect", path, "--data", "synthetic:n=4,classes=3,size=32", "--device", "cpu")
+    doc = cli(*args, "--json", "-").json()
+    assert doc["probe"]["fed"] == "visual (frames folded into the batch); audio unused"
+    assert "fed visual (frames folded into the batch); audio unused" in " ".join(cli(*args).ok().out.split())

@@ -815,7 +815,7 @@ def test_the_result_follows_the_contract(fold):
     assert doc["checkpoints"] == [{"path": str(src), "format": result.source.format, "sha256": _sha(src)}]
     assert doc["source"] == doc["checkpoints"][0]
     assert doc["summary"] == {"n_rewritten": 28, "n_dead_before": 22, "n_dead_after": 0,
-                              "text": result.summary_line()}
+                              "n_revived_beyond_blend": 0, "n_still_dead": 0, "text": result.summary_line()}
     assert doc["target"] == str(out) and doc["method"] == "abri"
     for key in ("parameters", "diagnosis", "changes", "dead_before", "dead_after", "verification", "warnings"):
         assert key in doc, key

@@ -484,7 +484,7 @@ def test_html_and_markdown_render_the_same_sections(results):
 
 
 def test_every_command_has_a_section_builder():
-    assert registered_commands() == ["check", "conflict", "diff", "inspect", "reinit"]
+    assert registered_commands() == ["check", "conflict", "diff", "inspect", "monitor", "reinit"]
     with pytest.raises(ValueError, match="already registered"):
         section_builder("inspect")(lambda res, anchor: None)
 

@@ -17,7 +17,8 @@ from avdiag.errors import UsageError
 @command()
 @takes_data
 def check(
-    paths: Annotated[list[str], typer.Argument(help="Checkpoints, folders (searched recursively) or globs.")],
+    paths: Annotated[list[str], typer.Argument(help="Checkpoints, folders (searched recursively) or globs; a "
+                     "RUN.jsonl is a training run log of avdiag.monitor, checked against the run-* rules.")],
     policy: Annotated[Optional[Path], typer.Option("--policy", metavar="PATH", help="avdiag.toml ([check]) or "
                       "pyproject.toml ([tool.avdiag.check]) [default: found in the current folder].")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", metavar="OLD", help="Fail when dead channels "

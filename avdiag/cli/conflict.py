@@ -25,8 +25,9 @@ def conflict(
     no_per_sample: Annotated[bool, typer.Option("--no-per-sample", help="Skip per-sample gradients.")] = False,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Per-batch gradients with BatchNorm in train "
                           "mode (as in a training step).")] = False,
-    max_memory: Annotated[str, typer.Option("--max-memory", metavar="SIZE", help="Memory budget of the gradient "
-                          "passes (2G, 512M); batches run in chunks that fit it.")] = "2G",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Memory budget of the "
+                          "gradient passes (2G, 512M); batches run in chunks that fit it [default: 2G on a CPU, half "
+                          "the free memory of a GPU].")] = None,
     sketch: Annotated[Optional[int], typer.Option("--sketch", metavar="DIM", help="Approximate per-sample cosines "
                       "from a random projection of DIM numbers per layer; the error is measured and reported.")] = None,
     samples: Annotated[Optional[Path], typer.Option("--samples", metavar="PATH", help="Per-sample table: .csv or "

@@ -19,7 +19,7 @@ _PRESETS = ", ".join(f"{k}={v:g}" for k, v in ABNORMAL_PRESETS.items())
 
 
 @command()
-@takes_data
+@takes_data(model_without_data=True)
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file, or a sharded checkpoint folder.")],
     json_out: JsonOpt = None,
@@ -48,10 +48,17 @@ def inspect(
                          "of positions.")] = _PROBE.dead_rate,
     rare_rate: Annotated[float, typer.Option("--rare-rate", help="Rarely active: fires at <= this fraction.")]
         = _PROBE.rare_rate,
+    dormant_tau: Annotated[float, typer.Option("--dormant-tau", metavar="TAU",
+                           help="With --data: a unit of an activation, MLP, conv or attention layer is dormant when "
+                                "its ReDo score (mean |output| over the layer's mean) is <= TAU; 0 means exactly zero "
+                                "(within 1e-6). ReDo's values: 0, 0.025, 0.1.")] = 0.0,
+    no_dormant: Annotated[bool, typer.Option("--no-dormant", help="With --data: skip the dormant-unit measurement.")]
+        = False,
     allow_global: AllowGlobalOpt = [],
     unsafe: UnsafeOpt = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the file's SHA-256 (reported as null).")] = False,
     data=None,
+    model=None,
 ) -> int:
     """Load a checkpoint safely and flag dead, abnormal and constant BatchNorm channels."""
     from avdiag.report.progress import progress_for
@@ -62,11 +69,14 @@ def inspect(
     out = Outputs([checkpoint], json_out, report, quiet)
     thresholds = Thresholds(dead_z=dead_z, abnormal=abnormal_threshold(abnormal, abnormal_preset),
                             constant_scale=constant_scale, low_gain=low_gain, collapsed_filter=collapsed)
+    if not 0.0 <= dormant_tau < 1.0:
+        raise UsageError(f"--dormant-tau must be in [0, 1), got {dormant_tau:g}")
     warn_unsafe(unsafe)
     load = LoadOptions(tuple(allow_global), unsafe, list(modality) or None, bn_eps, assume_activation)
-    result = run_inspect(checkpoint, thresholds=thresholds, data=data,
+    result = run_inspect(checkpoint, thresholds=thresholds, data=data, model=model,
                          probe_thresholds=ProbeThresholds(dead_rate=dead_rate, rare_rate=rare_rate),
-                         hash_file=not no_hash, load=load, progress=progress_for(quiet or not out.terminal))
+                         hash_file=not no_hash, load=load, progress=progress_for(quiet or not out.terminal),
+                         dormant_tau=None if no_dormant else dormant_tau)
     out.emit(result.to_dict(per_channel=per_channel),
              lambda console: render_inspect(result, console, quiet=quiet, verbose=verbose),
              report_document=result.to_dict(per_channel=True) if report is not None else None)

@@ -1,6 +1,6 @@
 """Every option shared by several commands, declared once.
 
-Commands list the output and load options by these aliases; the data options (20 of them) are added
+Commands list the output and load options by these aliases; the data options (22 of them) are added
 to a command by :func:`takes_data`, which also turns them into one :class:`DataSource`. This module
 imports only typer and torch-free parts of avdiag, so ``avdiag --help`` never imports torch.
 """
@@ -39,15 +39,16 @@ def _data_option(*names: str, **kwargs: Any) -> Any:
 # name -> (annotation, default): the parameters takes_data adds to a command.
 DATA_PARAMETERS: dict[str, tuple[Any, Any]] = {
     "data": (Annotated[Optional[str], _data_option(
-        "--data", metavar="SPEC", help="Data to run the model on: cremad:ROOT, vggsound:ROOT, ks:ROOT, ave:ROOT, "
-        "avdigits:DIR, a bare name under $AVDIAG_DATA, a .npz/.safetensors tensor file, an image or wav folder, "
-        "synthetic[:k=v,...], pkg.mod:factory.")], None),
+        "--data", metavar="SPEC", help="Data to run the model on: cremad:ROOT, vggsound:ROOT, ks:ROOT, ave:ROOT "
+        "(layout detected from the files; name the folders with NAME:ROOT,audio=DIR,frames=DIR,list=FILE, "
+        "{split} in them becoming train/test), avdigits:DIR, a bare name under $AVDIAG_DATA, a .npz/.safetensors "
+        "tensor file, an image or wav folder, synthetic[:k=v,...], pkg.mod:factory.")], None),
     "model": (Annotated[Optional[str], _data_option(
         "--model", metavar="pkg.module:factory",
         help="Build the model with this factory (strict load) instead of the built-in registry.")], None),
     "visual_layout": (Annotated[Optional[str], _data_option(
-        "--visual-layout", metavar="BCTHW|BTCHW", help="BCTHW or BTCHW: how a --model factory wants clips, (B,3,T,H,W) or (B,T,3,H,W) "
-        "[default: its visual_layout attribute, else BCTHW].")], None),
+        "--visual-layout", metavar="BCTHW|BTCHW", help="BCTHW or BTCHW: how a --model factory wants clips, "
+        "(B,3,T,H,W) or (B,T,3,H,W) [default: its visual_layout attribute, else BCTHW].")], None),
     "device": (Annotated[str, _data_option("--device", metavar="auto|cpu|cuda[:N]", help="Where the model runs.")],
                "auto"),
     "split": (Annotated[str, _data_option("--split", help="Dataset split.")], "train"),
@@ -71,23 +72,35 @@ DATA_PARAMETERS: dict[str, tuple[Any, Any]] = {
     "seconds": (Annotated[Optional[float], _data_option("--seconds", help="Audio duration (tile/crop).")], None),
     "n_fft": (Annotated[Optional[int], _data_option("--n-fft", min=2, help="STFT size.")], None),
     "hop": (Annotated[Optional[int], _data_option("--hop", min=1, help="STFT hop.")], None),
+    "strict_data": (Annotated[bool, _data_option(
+        "--strict-data", help="Stop with an error at the first list row whose files are missing, damaged or have "
+        "too few frames [default: skip such rows, as the research loaders do, and report them].")], False),
+    "audio_start": (Annotated[Optional[float], _data_option(
+        "--audio-start", metavar="SECONDS", min=0.0, help="Where the audio crop starts, in seconds from the start "
+        "of the clip (cremad, vggsound wav audio) [default: cremad 0, vggsound 2.5, the middle of the "
+        "training draw range].")], None),
     "resample": (Annotated[bool, _data_option(
         "--resample", help="Resample wav files whose rate differs from the dataset's (as librosa.load(sr=...) "
         "does) instead of refusing them.")], False),
 }
 
 
-def takes_data(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add every data option to ``command`` and call it with ``data=`` one DataSource (None without --data)."""
+def takes_data(command: Callable[..., Any] | None = None, *, model_without_data: bool = False) -> Any:
+    """Add every data option to ``command`` and call it with ``data=`` one DataSource (None without --data).
+    ``model_without_data``: ``--model`` is also accepted alone and passed as ``model=`` (the static scan
+    reads what each BatchNorm feeds from the model)."""
+    if command is None:
+        return functools.partial(takes_data, model_without_data=model_without_data)
     signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "data"]
+    own = [p for p in signature.parameters.values() if p.name not in ("data", "model")]
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
              for name, (annotation, default) in DATA_PARAMETERS.items()]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in DATA_PARAMETERS}
-        return command(*args, data=data_source(**values), **kwargs)
+        model = {"model": values["model"]} if model_without_data else {}
+        return command(*args, data=data_source(**values, model_alone=model_without_data), **model, **kwargs)
 
     del wrapper.__wrapped__  # typer must read the new signature, not the command's own
     wrapper.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
@@ -99,21 +112,27 @@ def data_source(data: str | None, model: str | None, visual_layout: str | None, 
                 batch_size: int, limit: int | None, num_workers: int, seed: int, amp: bool, tf32: bool,
                 image_size: int | None,
                 mean: str | None, std: str | None, sample_rate: int | None, class_order: str | None,
-                frames: int | None, seconds: float | None, n_fft: int | None, hop: int | None, resample: bool):
-    """The DataSource the data options describe, or None when no --data was given."""
+                frames: int | None, seconds: float | None, n_fft: int | None, hop: int | None, resample: bool,
+                strict_data: bool = False, audio_start: float | None = None, model_alone: bool = False):
+    """The DataSource the data options describe, or None when no --data was given (``model_alone``: a
+    --model without --data is the caller's to use)."""
     if data is None:
-        given = [flag for flag, value in (("--model", model), ("--visual-layout", visual_layout)) if value is not None]
+        alone = (("--model", None if model_alone else model), ("--visual-layout", visual_layout))
+        given = [flag for flag, value in alone if value is not None]
         if given:
             raise UsageError(f"{given[0]} is used with --data (the model is only run on data)")
+        if strict_data or audio_start is not None:
+            raise UsageError(f"{'--strict-data' if strict_data else '--audio-start'} is used with --data")
         return None
     from avdiag.data.base import DataOptions
     from avdiag.workflows.datasource import DataSource
 
     options = DataOptions(image_size=image_size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
                           sample_rate=sample_rate, class_order=class_order, frames=frames, seconds=seconds,
-                          n_fft=n_fft, hop=hop, resample=resample)
+                          n_fft=n_fft, hop=hop, resample=resample, audio_start=audio_start)
     return DataSource(data, split=split, options=options, model=model, visual_layout=visual_layout, device=device,
-                      batch_size=batch_size, limit=limit, num_workers=num_workers, seed=seed, amp=amp, tf32=tf32)
+                      batch_size=batch_size, limit=limit, num_workers=num_workers, seed=seed, amp=amp, tf32=tf32,
+                      strict_data=strict_data)
 
 
 def floats(text: str | None, option: str) -> tuple[float, ...] | None:

@@ -24,6 +24,11 @@ def reinit(
                     "(re-parametrisation with extra keys).")] = "fold",
     alpha: Annotated[float, typer.Option("--alpha", help="abri: weight of the pretrained branch.")] = 0.5,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="abri module: one alpha per channel.")] = False,
+    exact_blend: Annotated[bool, typer.Option("--exact-blend", help="abri fold: the paper's blend with --alpha on "
+                           "every channel, even where it leaves a channel dead [default: such channels get the "
+                           "largest smaller alpha that revives them, listed as revived beyond the blend].")] = False,
+    revive_margin: Annotated[float, typer.Option("--revive-margin", help="abri fold: a revived channel's z ends at "
+                             "least this far above the dead threshold (z < -3), i.e. z >= -1 by default.")] = 2.0,
     scope: Annotated[str, typer.Option("--scope", metavar="flagged|layers|all", help="flagged (channels), layers (holding flagged channels) "
                      "or all (BN layers).")] = "flagged",
     modality: Annotated[list[str], typer.Option("--modality", metavar="NAME|NAME=PREFIX",
@@ -62,7 +67,8 @@ def reinit(
     target = out or checkpoint
     outputs = Outputs([checkpoint, target], json_out, report, quiet)
     alphas = {k: v for k, v in (("audio", alpha_audio), ("visual", alpha_visual)) if v is not None}
-    settings = dict(mode=mode, alpha=alpha, per_channel=per_channel, scope=scope, stats=stats, variant=variant,
+    settings = dict(mode=mode, alpha=alpha, per_channel=per_channel, exact_blend=exact_blend,
+                    revive_margin=revive_margin, scope=scope, stats=stats, variant=variant,
                     lam=lam, alphas=alphas, init_ckpt=str(init_ckpt) if init_ckpt else None, seed=init_seed)
     options = ReinitOptions.from_flags(method, settings, modality=restrict[0] if restrict else None)
     for flag in _unused_flags(settings, options.settings):
@@ -79,6 +85,7 @@ def reinit(
 
 # The flags a method may take, with their command-line defaults (a flag left at its default is not "given").
 _FLAGS = {"mode": ("--mode", "fold"), "alpha": ("--alpha", 0.5), "per_channel": ("--per-channel", False),
+          "exact_blend": ("--exact-blend", False), "revive_margin": ("--revive-margin", 2.0),
           "scope": ("--scope", "flagged"), "stats": ("--stats", None), "variant": ("--variant", "all"),
           "lam": ("--lam", 3.0), "alphas": ("--alpha-audio/--alpha-visual", {}), "init_ckpt": ("--init-ckpt", None),
           "seed": ("--init-seed", 0)}

@@ -12,7 +12,8 @@ from avdiag.cli.app import command
 
 @command("report")
 def report_command(
-    results: Annotated[list[Path], typer.Argument(help="JSON results of avdiag commands (--json output).")],
+    results: Annotated[list[Path], typer.Argument(help="JSON results of avdiag commands (--json output), or "
+                                                  "training run logs (.jsonl) written by avdiag.monitor.")],
     output: Annotated[Path, typer.Option("--out", "--output", "-o", help="report.html (self-contained, plots embedded) "
                       "or report.md (for pull-request comments).")],
     title: Annotated[Optional[str], typer.Option("--title")] = None,

@@ -2,7 +2,9 @@
 
 :func:`open_dataset` turns a spec string into an :class:`AVDataset`:
 
-* ``cremad:ROOT``, ``vggsound:ROOT``, ``ks:ROOT``, ``ave:ROOT``: research layouts (:mod:`.research`);
+* ``cremad:ROOT``, ``vggsound:ROOT``, ``ks:ROOT``, ``ave:ROOT``: research layouts (:mod:`.research`),
+  detected from the files; ``NAME:ROOT,audio=DIR,frames=DIR,list=FILE`` names the folders (``{split}``
+  in them becomes train/test);
 * ``cremad`` (a bare research name, or ``avdigits``): the folder ``$AVDIAG_DATA/cremad``;
 * ``avdigits:DIR``: a folder written by :func:`build_avdigits` (:mod:`.avdigits`);
 * ``PATH.npz``, ``PATH.safetensors``: a tensor file (:mod:`.tensors`);
@@ -18,7 +20,10 @@ local folder called ``cremad`` must be written ``./cremad``), then paths, then f
 module name. Items are dicts
 ``{"audio": (F, T), "visual": (3, T, H, W), "label": int, "index": int}`` (absent modalities are
 left out); :func:`collate` and :func:`make_loader` batch them. Every problem is a one-line
-:class:`DataError` (exit code 2).
+:class:`DataError` (exit code 2). Rows a reader leaves out (missing or damaged files) are logged, never
+silently dropped: ``dataset.report()["skipped"]``; ``DataOptions(strict=True)`` makes them errors.
+``DataOptions(audio_start=...)`` is accepted by the readers that crop wav audio (``cremad``,
+``vggsound``) and refused by the others.
 """
 
 from __future__ import annotations
@@ -97,7 +102,14 @@ def open_dataset(spec: str, *, split: str = "train", options: DataOptions = Data
     """Open the dataset named by ``spec`` (see the module docstring) for ``split``."""
     check_split(split)
     options.validate()
-    spec = spec.strip()
+    dataset = _open(spec.strip(), split, options)
+    if options.audio_start is not None and not getattr(dataset, "crops_audio", False):
+        raise DataError(f"{spec}: the audio start applies to the datasets that crop wav audio (cremad, "
+                        f"vggsound), not to {dataset.name}")
+    return dataset
+
+
+def _open(spec: str, split: str, options: DataOptions) -> AVDataset:
     if not spec:
         raise DataError("empty dataset spec")
     head, sep, rest = spec.partition(":")
@@ -106,7 +118,7 @@ def open_dataset(spec: str, *, split: str = "train", options: DataOptions = Data
     if sep and head in RESEARCH_NAMES:
         if not rest:
             raise DataError(f"{spec}: expected {head}:ROOT")
-        return open_research(head, Path(rest).expanduser(), split, options, spec)
+        return open_research(head, rest, split, options, spec)
     if sep and head == "avdigits":
         return AVDigits(Path(rest).expanduser(), split, options, spec)
     if not sep and spec in RESEARCH_NAMES + ("avdigits",):

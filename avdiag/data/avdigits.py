@@ -343,6 +343,10 @@ class AVDigits(AVDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def clip_id(self, i: int) -> str | None:
+        row = self.rows[self._check_index(i)][1]
+        return row.get("clip") or Path(row["wav"]).stem
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = self._check_index(i)
         line, row = self.rows[i]

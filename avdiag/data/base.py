@@ -10,6 +10,11 @@ of a permutation drawn from ``torch.Generator().manual_seed(seed)`` (in that ord
 item in dataset order. Nothing is shuffled beyond that, and no reader draws random numbers per item,
 so the same seed gives the same samples whatever ``num_workers`` is. A :class:`DataError` raised in
 a worker process comes back to the caller as the same one-line :class:`DataError`.
+
+Skipped rows: a reader that finds a listed item unusable (its files missing, too few frames, a damaged
+wav or image) raises :class:`SkippedRow` instead, unless ``DataOptions(strict=True)``. The loader drops
+such an item from its batch and records it in the dataset's :class:`SkipLog` (``dataset.skip_log``), so a
+skip is never silent: ``dataset.report()`` lists it with its list row, clip and reason.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class DataOptions:
     CREMA-D. ``frames``: visual frames per item. ``seconds``: audio duration (tile/crop) where a
     reader has one. ``resample``: research sets only; resample wav files whose rate differs from the
     expected one (as the training code's ``librosa.load(sr=...)`` does) instead of refusing them.
+    ``strict``: a row the reader would skip (missing or damaged files, too few frames) is an error
+    instead. ``audio_start``: where the audio crop starts, in seconds from the start of the clip, for the
+    readers that crop wav audio (default: the reader's documented choice).
     """
 
     image_size: int | None = None
@@ -53,6 +61,8 @@ class DataOptions:
     frames: int | None = None
     seconds: float | None = None
     resample: bool = False
+    strict: bool = False
+    audio_start: float | None = None
 
     def validate(self) -> "DataOptions":
         for name in ("image_size", "sample_rate", "n_fft", "hop", "frames"):
@@ -61,6 +71,8 @@ class DataOptions:
                 raise DataError(f"option {name} must be a positive integer, got {value!r}")
         if self.seconds is not None and not self.seconds > 0:
             raise DataError(f"option seconds must be positive, got {self.seconds!r}")
+        if self.audio_start is not None and not 0 <= self.audio_start < float("inf"):
+            raise DataError(f"option audio_start must be >= 0 seconds, got {self.audio_start!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
@@ -72,6 +84,63 @@ class DataOptions:
     def image_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return (tuple(self.mean) if self.mean else IMAGENET_MEAN,
                 tuple(self.std) if self.std else IMAGENET_STD)
+
+
+class MediaError(DataError):
+    """A listed file is missing, empty, truncated or cannot be decoded: the row is unusable, the
+    dataset may still be fine (a reader turns this into :class:`SkippedRow` unless strict).
+    ``kind``: ``"missing"`` or ``"damaged"``."""
+
+    def __init__(self, message: str, kind: str = "damaged"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class SkippedRow(DataError):
+    """A list row the reader leaves out; ``str()`` is the one-line error it is under ``strict``.
+    ``kind``: ``missing``, ``too few frames``, ``damaged``, ``duplicate`` or ``no class``."""
+
+    def __init__(self, message: str, row: int | None, clip: str | None, reason: str, kind: str):
+        super().__init__(message)
+        self.row, self.clip, self.reason, self.kind = row, clip, reason, kind
+
+    def record(self, split: str) -> dict[str, Any]:
+        return {"split": split, "row": self.row, "clip": self.clip, "kind": self.kind, "reason": self.reason}
+
+
+SHOWN_SKIPS = 20  # rows listed in a report; the count covers them all
+
+
+class SkipLog:
+    """The rows a dataset left out, each once (a row found damaged on every pass is one skip)."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self._rows: dict[tuple[Any, Any], dict[str, Any]] = {}
+
+    def add(self, skip: SkippedRow) -> None:
+        self._rows.setdefault((skip.row, skip.clip), skip.record(self.split))
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        self._rows.setdefault((record.get("row"), record.get("clip")), dict(record))
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return sorted(self._rows.values(), key=lambda r: (r["row"] is None, r["row"] or 0, r["clip"] or ""))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def to_dict(self, shown: int = SHOWN_SKIPS) -> dict[str, Any]:
+        return skipped_dict(self.rows, shown)
+
+
+def skipped_dict(rows: list[dict[str, Any]], shown: int = SHOWN_SKIPS) -> dict[str, Any]:
+    """``{"count", "by_kind", "rows"}``: how many rows were skipped, per kind, and the first ``shown``."""
+    by_kind: dict[str, int] = {}
+    for r in rows:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+    return {"count": len(rows), "by_kind": by_kind, "rows": [dict(r) for r in rows[:shown]]}
 
 
 class AVDataset(Dataset):
@@ -87,6 +156,7 @@ class AVDataset(Dataset):
     modalities: tuple[str, ...] = ()
     classes: list[str] = []
     split: str = "train"
+    crops_audio: bool = False  # whether DataOptions.audio_start applies
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -98,6 +168,24 @@ class AVDataset(Dataset):
         """A JSON-friendly summary for reports."""
         return {"name": self.name, "spec": self.spec, "split": self.split, "size": len(self),
                 "modalities": list(self.modalities), "classes": list(self.classes)}
+
+    def clip_id(self, i: int) -> str | None:
+        """The name of item ``i`` (its id in the list file, or its file name); None when items have none."""
+        return None
+
+    @property
+    def skip_log(self) -> SkipLog:
+        log = self.__dict__.get("_skip_log")
+        if log is None:
+            log = self.__dict__["_skip_log"] = SkipLog(self.split)
+        return log
+
+    def report(self) -> dict[str, Any]:
+        """What was read: items, the rows left out (count, per kind, the first rows with their reason)."""
+        listed = getattr(self, "n_listed", None)
+        return {"name": self.name, "spec": self.spec, "split": self.split, "layout": getattr(self, "layout", None),
+                "listed": listed if listed is not None else len(self) + len(self.skip_log),
+                "items": len(self), "skipped": self.skip_log.to_dict()}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.spec or self.name!r}, split={self.split!r}, "
@@ -128,15 +216,29 @@ def make_item(index: int, label: int, audio: torch.Tensor | None = None,
     return item
 
 
+class Batch(dict):
+    """A batch dict; ``skipped`` holds the records of the items of this batch the reader left out."""
+
+    skipped: list[dict[str, Any]] = []
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack item dicts into a batch dict; every item must have the same modalities and shapes."""
+    """Stack item dicts into a batch dict; every item must have the same modalities and shapes.
+    Skipped items are left out and recorded in the batch's ``skipped`` (the batch may be empty)."""
     failed = [it for it in items if isinstance(it, _FailedItem)]
     if failed:
         return _FailedBatch(failed[0].message)  # type: ignore[return-value]
+    skipped = [it.record for it in items if isinstance(it, _SkippedItem)]
+    items = [it for it in items if not isinstance(it, _SkippedItem)]
     if not items:
+        if skipped:
+            empty = Batch()
+            empty.skipped = skipped
+            return empty
         raise DataError("cannot collate an empty batch")
     keys = [m for m in MODALITIES if m in items[0]]
-    batch: dict[str, torch.Tensor] = {}
+    batch = Batch()
+    batch.skipped = skipped
     for it in items:
         have = [m for m in MODALITIES if m in it]
         if have != keys:
@@ -161,6 +263,13 @@ class _FailedItem:
         self.message = message
 
 
+class _SkippedItem:
+    """An item the reader left out (:class:`SkippedRow`), carried to collate as its record."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+
+
 class _FailedBatch(dict):
     def __init__(self, message: str):
         super().__init__()
@@ -181,6 +290,8 @@ class _Guarded(Dataset):
     def __getitem__(self, i: int) -> Any:
         try:
             return self.dataset[i]
+        except SkippedRow as skip:
+            return _SkippedItem(skip.record(getattr(self.dataset, "split", "")))
         except DataError as exc:
             return _FailedItem(str(exc))
 
@@ -190,6 +301,7 @@ class AVDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
         batches = super().__iter__()
+        log = _skip_log_of(self.dataset)
         while True:
             with _single_thread(self.num_workers == 0):
                 batch = next(batches, None)
@@ -197,7 +309,22 @@ class AVDataLoader(DataLoader):
                 return
             if isinstance(batch, _FailedBatch):
                 raise DataError(batch.message)
+            for record in getattr(batch, "skipped", ()):
+                if log is not None:
+                    log.add_record(record)
+            if "label" not in batch:  # every item of the batch was skipped
+                continue
             yield batch
+
+
+def _skip_log_of(dataset: Any) -> SkipLog | None:
+    """The skip log of the dataset under a loader's Subset / guard wrappers (None for a plain Dataset)."""
+    while not isinstance(dataset, AVDataset):
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return None
+        dataset = inner
+    return dataset.skip_log
 
 
 @contextlib.contextmanager
@@ -243,7 +370,7 @@ def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
     if n == 0:
         raise DataError(f"dataset {getattr(dataset, 'spec', '') or dataset!r} has no items")
     indices = sample_indices(n, limit, seed)
-    source: Dataset = _Guarded(dataset) if num_workers > 0 else dataset
+    source: Dataset = _Guarded(dataset)
     subset = torch.utils.data.Subset(source, indices)
     return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
                         collate_fn=collate, drop_last=False, pin_memory=pins_memory(device))

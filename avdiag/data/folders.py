@@ -94,6 +94,10 @@ class FolderDataset(AVDataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def clip_id(self, i: int) -> str | None:
+        path = self.files[self._check_index(i)][0]
+        return f"{path.parent.name}/{path.name}"
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = self._check_index(i)
         path, label = self.files[i]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from avdiag.data.base import DataError
+from avdiag.data.base import MediaError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -38,10 +38,10 @@ def load_image(path: Path, size: int | None, mean: Sequence[float], std: Sequenc
             img.load()
             rgb = img.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{prefix}expected {path}") from None
+        raise MediaError(f"{prefix}expected {path}", "missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{prefix}corrupt or unreadable image {path}: {text}") from None
+        raise MediaError(f"{prefix}corrupt or unreadable image {path}: {text}") from None
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
     return to_tensor(np.asarray(rgb), mean, std)
@@ -61,9 +61,9 @@ def list_frames(folder: Path, where: str = "") -> list[Path]:
     try:
         names = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
     except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{prefix}expected frame folder {folder}/") from None
+        raise MediaError(f"{prefix}expected frame folder {folder}/", "missing") from None
     if not names:
-        raise DataError(f"{prefix}frame folder {folder}/ holds no images")
+        raise MediaError(f"{prefix}frame folder {folder}/ holds no images")
     return sorted(names, key=lambda p: natural_key(p.name))
 
 

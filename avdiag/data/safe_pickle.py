@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
-from avdiag.data.base import DataError
+from avdiag.data.base import DataError, MediaError
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -91,7 +91,7 @@ def loads_array(data: bytes, label: str = "<bytes>") -> np.ndarray:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError, OverflowError, UnicodeDecodeError, RecursionError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"unreadable pickle {label}: {text}") from None
+        raise MediaError(f"unreadable pickle {label}: {text}") from None
     if not isinstance(obj, np.ndarray) or type(obj) is not np.ndarray:
         raise DataError(f"{label} holds a {type(obj).__name__}, expected a numpy array")
     if obj.dtype.kind not in "biuf":
@@ -105,10 +105,12 @@ def load_array(path: Path | str, where: str = "") -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{prefix}expected {path}") from None
+        raise MediaError(f"{prefix}expected {path}", "missing") from None
     except OSError as exc:
-        raise DataError(f"{prefix}cannot read {path}: {exc.strerror or exc}") from None
+        raise MediaError(f"{prefix}cannot read {path}: {exc.strerror or exc}") from None
     try:
         return loads_array(data, str(path))
-    except DataError as exc:
+    except DataError as exc:  # a damaged file stays a MediaError; a refused pickle stays an error
+        if isinstance(exc, MediaError):
+            raise MediaError(f"{prefix}{exc}", exc.kind) from None
         raise DataError(f"{prefix}{exc}") from None

@@ -10,6 +10,8 @@ from avdiag.load.store import TensorStore
 from avdiag.locate.architectures import NameIndex, architecture_fact
 from avdiag.locate.graph import ZEROING_ACTIVATIONS, GraphFact, graph_facts
 from avdiag.locate.modality import Head, Layout, detect_layout, parse_overrides
+from avdiag.locate import transformer_layouts  # noqa: F401  (registers the transformer AV layouts)
+from avdiag.locate.sequential import ModuleTree, prelu_sibling_fact, sequential_fact
 
 __all__ = ["BNLayer", "Head", "Layout", "Located", "locate", "parse_overrides", "DEFAULT_BN_EPS"]
 
@@ -25,7 +27,8 @@ class BNLayer:
     modality: str
     feeds_activation: str  # yes / no / unknown
     activation: str | None  # e.g. relu, relu6, residual-add, linear
-    activation_source: str  # graph:<format> / architecture:<arch> / heuristic:name / assumed / none
+    activation_source: str  # graph:<format> / model:<source> / architecture:<arch> / heuristic:name /
+    # sequential-numbering / assumed / none
     conv: str | None  # module name of the conv feeding this BN
     conv_source: str
     eps: float
@@ -41,6 +44,7 @@ class BNLayer:
 class Located:
     layers: list[BNLayer]
     layout: Layout
+    consumers_from: str | None = None  # the model whose graph told what each BN feeds, once read
 
 
 def locate(ckpt: Checkpoint, *, modality_overrides: dict[str, str] | None = None,
@@ -48,15 +52,17 @@ def locate(ckpt: Checkpoint, *, modality_overrides: dict[str, str] | None = None
     """Find every BatchNorm layer of ``ckpt`` and everything known about its surroundings.
 
     ``assume_activation`` (e.g. "relu") is used only where neither the graph, architecture
-    knowledge nor the names tell what a BN feeds; such layers are marked ``assumed``.
+    knowledge nor the names tell what a BN feeds; such layers are marked ``assumed``. It also names
+    the parameter-free module that ``nn.Sequential`` numbering reveals (ReLU when not given).
     """
     store = ckpt.tensors
     layout = detect_layout(store, modality_overrides)
     idx = NameIndex(store.names())
+    tree = ModuleTree.of(store)
     graph = graph_facts(ckpt.format, ckpt.graph) if ckpt.graph is not None else {}
     layers = []
     for name, params, channels in find_bn_layers(store):
-        layer = _describe(name, params, channels, store, idx, graph.get(name), ckpt.format,
+        layer = _describe(name, params, channels, store, idx, tree, graph.get(name), ckpt.format,
                           bn_eps, assume_activation)
         layer.modality = layout.modality_of(name)
         layers.append(layer)
@@ -81,7 +87,8 @@ def find_bn_layers(store: TensorStore) -> list[tuple[str, dict[str, str], int]]:
 
 
 def _describe(name: str, params: dict[str, str], channels: int, store: TensorStore, idx: NameIndex,
-              fact: GraphFact | None, fmt: str, bn_eps: float | None, assume: str | None) -> BNLayer:
+              tree: ModuleTree, fact: GraphFact | None, fmt: str, bn_eps: float | None,
+              assume: str | None) -> BNLayer:
     arch = architecture_fact(name, idx)
     if fact is not None and fact.consumer != "mixed":
         act = "output" if fact.consumer == "none" else fact.consumer
@@ -90,6 +97,9 @@ def _describe(name: str, params: dict[str, str], channels: int, store: TensorSto
         feeds, act, act_src = arch.feeds_activation, arch.activation, f"architecture:{arch.architecture}"
     else:
         feeds, act, act_src = _name_heuristic(name)
+        if feeds == "unknown":
+            feeds, act, act_src = (sequential_fact(name, channels, tree, assume)
+                                   or prelu_sibling_fact(name, channels, tree) or (feeds, act, act_src))
         if feeds == "unknown" and assume:
             feeds, act, act_src = "yes", assume, "assumed"
     conv, conv_src = _feeding_conv(name, channels, store, fact, arch)

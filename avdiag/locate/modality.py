@@ -7,6 +7,7 @@ architecture registry (``avdiag/models/arch/``); modality words in names cover t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from avdiag.errors import UsageError
@@ -80,7 +81,16 @@ def detect_layout(store: TensorStore, overrides: dict[str, str] | None = None) -
     return layout
 
 
+# Detectors of layouts that one name prefix per modality cannot express (the transformer families of
+# avdiag.locate.transformer_layouts append theirs): tensor names -> a Layout, or None. Tried first.
+LAYOUT_DETECTORS: list[Callable[[list[str]], Layout | None]] = []
+
+
 def _auto_layout(names: list[str]) -> Layout:
+    for detect in LAYOUT_DETECTORS:
+        layout = detect(names)
+        if layout is not None:
+            return layout
     found: dict[str, str] = {}
     for n in names:
         hit = _known_encoder(n) or _modality_word(n)

@@ -53,6 +53,20 @@ class ResolvedModel:
             raise ModelError(f"the model ({self.source}) failed on a batch of {shapes}: {type(e).__name__}: "
                              f"{str(e).strip() or 'no message'} (check --model / --visual-layout)") from e
 
+    def fed(self, modalities: tuple[str, ...] | list[str]) -> str:
+        """What this model is given of data holding ``modalities``: "audio + visual", or for a one-input
+        model the modality it takes and what stays unused ("visual (frames folded into the batch); audio
+        unused")."""
+        names = self.inputs
+        if len(names) == 1 and names[0] not in modalities:
+            names = ("image",)
+        used = [("visual" if "visual" in modalities else "audio") if n == "image" else n for n in names]
+        text = " + ".join(used)
+        if names == ("image",) and used == ["visual"]:
+            text += " (frames folded into the batch)"
+        unused = [m for m in modalities if m not in used]
+        return text + (f"; {', '.join(unused)} unused" if unused else "")
+
     def to(self, device: torch.device | str) -> nn.Module:
         """Put the model on ``device`` and return its module. An exported program goes through
         torch.export's device pass, which also rewrites the device arguments its graph carries

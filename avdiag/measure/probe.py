@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,13 +147,15 @@ def activation_threshold(layer: BNLayer) -> float:
 
 def probe(resolved: ResolvedModel, layers: list[BNLayer], batches: Iterable[dict[str, torch.Tensor]],
           device: torch.device, amp: bool = False, progress: Callable[[int], None] | None = None, *,
-          tf32: bool = False) -> ProbeRun:
+          tf32: bool = False, collectors: Sequence[Any] = ()) -> ProbeRun:
     """Run ``resolved`` over ``batches`` and measure every BN layer in ``layers``.
 
     ``amp``: autocast on CUDA (bfloat16 where the GPU supports it, else float16); the std-based
     verdicts are then approximate (:func:`avdiag.measure.activity.approximate_verdicts`).
     ``tf32``: allow TF32 matmuls and convolutions (off by default: the measurement runs in full
     float32). Running out of memory is a one-line ModelError saying what to reduce.
+    ``collectors``: more measurements that share the forward pass, each with
+    ``attach(model, name_prefix, stack)`` (e.g. :class:`avdiag.measure.dormant.DormantCollector`).
     """
     device = torch.device(device)
     accumulators = {layer.name: _Accumulator(activation_threshold(layer)) for layer in layers}
@@ -165,6 +168,8 @@ def probe(resolved: ResolvedModel, layers: list[BNLayer], batches: Iterable[dict
         stack.enter_context(torch.inference_mode())
         stack.enter_context(full_fp32(device, enabled=not tf32))
         found = _instrument(model, resolved.name_prefix, accumulators, stack)
+        for collector in collectors:
+            collector.attach(model, resolved.name_prefix, stack)
         for batch in batches:
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             with autocast(device, amp):

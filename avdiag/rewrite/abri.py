@@ -56,6 +56,7 @@ __all__ = [
     "fold_init",
     "merge",
     "reset_running_stats",
+    "reviving_alpha",
 ]
 
 Channels = torch.Tensor | Sequence[int] | None
@@ -162,6 +163,59 @@ def reset_running_stats(mean: torch.Tensor, var: torch.Tensor,
     if mean.shape != var.shape:
         raise ValueError(f"mean and var shapes differ: {tuple(mean.shape)} vs {tuple(var.shape)}")
     return _blend_towards(mean, 0.0, None, channels), _blend_towards(var, 1.0, None, channels)
+
+
+_ALPHA_STEPS = 400  # resolution of the search for a reviving alpha: alpha / 400
+
+
+def reviving_alpha(gamma: torch.Tensor, beta: torch.Tensor, var: torch.Tensor, eps: float,
+                   alpha: float = 0.5, stats: str = "blend", channels: Channels = None, *, dead_z: float = -3.0,
+                   revive_z: float = -1.0, constant_scale: float = 1e-3) -> torch.Tensor:
+    """Per channel, the alpha of the fold blend that leaves the channel alive: ``alpha`` itself where the
+    blend already does, else the largest alpha in [0, ``alpha``] whose folded channel reaches
+    ``z >= revive_z`` (avdiag's rule: the least extra move towards the fresh BN that revives the channel
+    with a margin). Returns a float64 ``(C,)`` tensor.
+
+    A folded channel is dead as the static scan counts it (:mod:`avdiag.measure.static`): with
+    ``s = |gamma'| * sqrt(var' / (var' + eps))``, ``z = beta' / s < dead_z``, or ``s < constant_scale``
+    with ``beta' <= constant_scale``. ``var'`` follows the running statistics of the fold: ``blend``
+    (``a*var + (1-a)``), ``reset`` (1) or ``given`` (``var`` as it is: statistics re-estimated on data).
+    At alpha 0 the channel is a fresh BN (gamma 1, beta 0, z 0), so a reviving alpha exists unless
+    ``var`` itself is ~0 under ``given`` statistics (an input channel that never varies); such a channel
+    keeps ``alpha``. Channels outside ``channels`` and non-finite ones keep ``alpha``.
+    """
+    n = gamma.shape[0]
+    grid = torch.linspace(float(alpha), 0.0, _ALPHA_STEPS + 1, dtype=torch.float64).unsqueeze(1)  # (G, 1)
+    z, scale, folded_beta = _folded_z(gamma, beta, var, eps, grid, stats)
+    constant_zero = (scale < constant_scale) & (folded_beta <= constant_scale)
+    alive = (z >= revive_z) & ~constant_zero
+    finite = torch.stack([torch.isfinite(t.detach().double().cpu()) for t in (gamma, beta, var)]).all(dim=0)
+    revive = ((z[0] < dead_z) | constant_zero[0]) & finite & alive.any(dim=0)
+    first_alive = alive.to(torch.int8).argmax(dim=0)  # the largest alive alpha: the grid runs downwards
+    chosen = torch.where(revive, grid[first_alive, 0], torch.full((n,), float(alpha), dtype=torch.float64))
+    idx = _channel_index(channels, n, torch.device("cpu"))
+    if idx is None:
+        return chosen
+    out = torch.full((n,), float(alpha), dtype=torch.float64)
+    out[idx] = chosen[idx]
+    return out
+
+
+def _folded_z(gamma: torch.Tensor, beta: torch.Tensor, var: torch.Tensor, eps: float, a: torch.Tensor,
+              stats: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, s, beta') of the folded channels for every alpha in ``a`` ((G, 1)): (G, C) each."""
+    g, b, v = (t.detach().to(torch.float64).cpu() for t in (gamma, beta, var))
+    folded_gamma, folded_beta = a * g + (1 - a), a * b
+    if stats == "blend":
+        folded_var = a * v + (1 - a)
+    elif stats == "reset":
+        folded_var = torch.ones_like(folded_gamma)
+    else:
+        folded_var = v.expand_as(folded_gamma)
+    scale = folded_gamma.abs() * torch.sqrt(folded_var / (folded_var + eps))
+    signed_inf = torch.where(folded_beta > 0, float("inf"), float("-inf"))  # s == 0: the sign of beta' decides
+    z = torch.where(scale > 0, folded_beta / scale.clamp_min(1e-300), signed_inf)
+    return z, scale, folded_beta
 
 
 # --- module mode -----------------------------------------------------------------------------------

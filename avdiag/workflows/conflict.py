@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avdiag.errors import ModelError, UsageError
-from avdiag.measure.conflict import DEFAULT_MAX_MEMORY, ConflictMeter, GradientConflict, parse_memory
+from avdiag.measure.conflict import ConflictMeter, GradientConflict, parse_memory
 from avdiag.measure.contribution import (
     OGM_ALPHA, Contribution, ContributionPartial, PooledFeatures, contribution_partial,
 )
@@ -46,6 +46,11 @@ class ConflictResult:
     conflict: GradientConflict
     contribution: Contribution
     options: dict[str, Any] = field(default_factory=dict)
+    data_report: dict[str, Any] = field(default_factory=dict)  # DataSource.report(): layout, skipped rows
+    clips: dict[int, str] = field(default_factory=dict)  # dataset index -> clip name (empty: unnamed items)
+
+    def clip(self, index: int) -> str | None:
+        return self.clips.get(int(index))
 
     def summary_line(self) -> str:
         parts = []
@@ -76,19 +81,39 @@ class ConflictResult:
                              "contribution": {k: v for k, v in c.items() if k != "ogm"},
                              "ogm": c.get("ogm", {})}
         return envelope("conflict", [self.checkpoint], self.summary(), {
-            "checkpoint": self.checkpoint.to_dict(), "model": self.model, "data": self.data, "device": self.device,
-            "world_size": self.world_size, "options": self.options, "modalities": modalities,
+            "checkpoint": self.checkpoint.to_dict(), "model": self.model,
+            "data": {"name": self.data, **self.data_report}, "device": self.device,
+            "world_size": self.world_size, "options": self.options, "modalities": self._named(modalities),
             "ogm": contribution["ogm"], "opm": contribution["opm"],
-            "conflict": self.conflict.to_dict(), "contribution": contribution})
+            "conflict": self._named(self.conflict.to_dict()), "contribution": self._named(contribution)})
+
+    def _named(self, value: Any) -> Any:
+        """``value`` with a ``clip`` next to every per-sample ``index``: rows get a name, columns a column."""
+        if not self.clips:
+            return value
+        if isinstance(value, list):
+            return [self._named(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        named = {k: self._named(v) for k, v in value.items()}
+        index = value.get("index")
+        if isinstance(index, int) and not isinstance(index, bool) and "clip" not in value:
+            named["clip"] = self.clip(index)
+        elif isinstance(index, list) and "clip" not in value and all(isinstance(i, int) for i in index):
+            named["clip"] = [self.clip(i) for i in index]
+        return named
 
     def to_frame(self):
-        """Per-sample conflict cosines and Shapley values, one row per dataset index."""
+        """Per-sample conflict cosines and Shapley values, one row per dataset index (with its ``clip`` name
+        when the data names its items)."""
         conflict = self.conflict.to_frame()
-        contribution = self.contribution.to_frame()
-        if conflict is None or len(conflict) == 0:
-            return contribution
-        keys = [c for c in ("index", "label") if c in conflict and c in contribution]
-        return conflict.merge(contribution, on=keys, how="outer")
+        frame = self.contribution.to_frame()
+        if conflict is not None and len(conflict) > 0:
+            keys = [c for c in ("index", "label") if c in conflict and c in frame]
+            frame = conflict.merge(frame, on=keys, how="outer")
+        if self.clips and "index" in frame:
+            frame["clip"] = [self.clip(i) for i in frame["index"]]
+        return frame
 
 
 def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: float = OGM_ALPHA,
@@ -99,14 +124,14 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
 
     ``heldout_split`` feeds the learning state (k-means purity gap; None skips it). ``train_mode``:
     per-batch gradients with BatchNorm in train mode, as in a training step. ``max_memory``: the
-    memory budget of the gradient passes, bytes or a size such as ``"2G"`` (default
-    :data:`~avdiag.measure.conflict.DEFAULT_MAX_MEMORY`, 2 GiB). ``sketch``: approximate per-sample
+    memory budget of the gradient passes, bytes or a size such as ``"2G"`` (default 2 GiB on a CPU, half
+    the free memory of a GPU). ``sketch``: approximate per-sample
     cosines from a random projection of that many numbers per layer (seeded with ``data.seed``; the
     result says so and states the error measured on the first samples); None: exact. ``data.amp``
     runs the passes under autocast on CUDA. Under torchrun every rank must call this, whatever share
     of the batches it is dealt (none included); rank 0 gets the combined result, the others None.
     """
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else parse_memory(max_memory)
+    budget = None if max_memory is None else parse_memory(max_memory)  # None: the device's default
     if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
         raise UsageError(f"--sketch: expected a positive number of dimensions per layer, got {sketch!r}")
     subject = Subject.of(checkpoint, load)
@@ -114,28 +139,31 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
     try:
         parts = av_parts(resolved.module)
     except TypeError as e:
-        raise ModelError(f"{subject.path}: conflict analysis needs a built-in audio-visual classifier ({e})") from e
+        raise ModelError(f"{subject.path}: {e}; without --model, the built-in classifier is used "
+                         "when the keys match") from e
     rank, world, owned = _join_group()
     try:
         device = _rank_device(data.torch_device(), rank, world)
         shown = progress if rank == 0 else no_progress
         meter = ConflictMeter(parts, device, per_sample, train_mode, memory_bytes=budget, sketch=sketch,
-                              sketch_seed=data.seed, amp=data.amp)
+                              sketch_seed=data.seed, amp=data.amp, tf32=data.tf32)
         batches, n_mine = _shard(data, data.split, rank, world)
         partial = None
         with shown(n_mine, _label("conflict", rank, world)) as advance:
             if n_mine:
-                partial = contribution_partial(parts, _measured(batches, meter, advance), device)
+                partial = contribution_partial(parts, _measured(batches, meter, advance), device, tf32=data.tf32)
         heldout = None
         if heldout_split and data.has_split(heldout_split):
             heldout = _heldout_features(parts, data, heldout_split, rank, world, device, shown)
         shards = [(meter.result(), partial, heldout)]
         if world > 1:
-            gathered = _gather_to_root(tuple(x.to_dict() if x is not None else None for x in shards[0]), rank, world)
+            gathered = _gather_to_root(shards[0], rank, world)  # the partial results as they are: arrays, not lists
+            skipped = _gather_to_root(data.skipped_rows(), rank, world)  # rows each rank found damaged when read
             if rank != 0:
                 return None
-            shards = [(GradientConflict.from_dict(c), p and ContributionPartial.from_dict(p),
-                       h and PooledFeatures.from_dict(h)) for c, p, h in gathered]
+            for rows in skipped:
+                data.add_skipped(rows)
+            shards = gathered
         measured = GradientConflict.combine([c for c, _, _ in shards])
         partial = _combine_contribution([p for _, p, _ in shards], [h for _, _, h in shards])
     finally:
@@ -144,9 +172,12 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
     return ConflictResult(
         checkpoint=subject.ref(), model=resolved.source, data=data.name, device=str(device), world_size=world,
         conflict=measured, contribution=partial.result(ogm_alpha, seed=data.seed),
+        data_report=data.report(), clips=data.clip_ids(),
         options={"ogm_alpha": ogm_alpha, "per_sample": per_sample, "batch_size": data.batch_size,
                  "limit": data.limit, "seed": data.seed, "split": data.split, "heldout_split": heldout_split,
-                 "train_mode": train_mode, "max_memory": budget, "sketch": sketch, "amp": data.amp})
+                 "train_mode": train_mode, "max_memory": meter.engine.memory_bytes, "sketch": sketch,
+                 "amp": data.amp,
+                 "tf32": data.tf32})
 
 
 def _label(what: str, rank: int, world: int) -> str:
@@ -169,7 +200,8 @@ def _heldout_features(parts, data: DataSource, split: str, rank: int, world: int
         return None
     held = FeatureCollector()
     with progress(n_mine, _label("held-out", rank, world)) as advance:
-        run_passes(parts, _counted(batches, advance), device, [held], empty="the held-out data has no batches")
+        run_passes(parts, _counted(batches, advance), device, [held], empty="the held-out data has no batches",
+                   tf32=data.tf32)
     return held.result()
 
 

@@ -7,7 +7,7 @@ checkpoints on the same data (``check --data``, a baseline comparison) reads eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from avdiag.errors import UsageError
@@ -25,7 +25,11 @@ class DataSource:
     cpu or cuda[:N]. ``limit``: at most this many samples, a seeded random subset. ``options``:
     preprocessing (:class:`avdiag.data.DataOptions`). ``amp``: autocast on GPU (bfloat16 where supported).
     ``tf32``: allow TF32 on GPU (faster; default full float32). ``cache``: keep decoded batches for reuse
-    (they are then not pinned: a cached dataset must not lock host memory).
+    (they are then not pinned: a cached dataset must not lock host memory). ``strict_data``: a row the
+    reader would skip (missing or damaged files, too few frames) is an error instead.
+
+    After a run, :meth:`report` says what the data gave (items and the rows left out, per split) and
+    :meth:`clip_ids` names the samples.
     """
 
     spec: Any
@@ -41,6 +45,7 @@ class DataSource:
     amp: bool = False
     tf32: bool = False
     cache: bool = False
+    strict_data: bool = False
     _datasets: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _batches: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
     _device: Any = field(default=None, init=False, repr=False, compare=False)
@@ -70,10 +75,55 @@ class DataSource:
         if not isinstance(self.spec, str):
             return self.spec
         if split not in self._datasets:
-            from avdiag.data import DataOptions, open_dataset
+            from avdiag.data import open_dataset
 
-            self._datasets[split] = open_dataset(self.spec, split=split, options=self.options or DataOptions())
+            self._datasets[split] = open_dataset(self.spec, split=split, options=self.data_options())
         return self._datasets[split]
+
+    def data_options(self):
+        """The preprocessing options the datasets are opened with (``strict_data`` included)."""
+        from avdiag.data import DataOptions
+
+        options = self.options or DataOptions()
+        return replace(options, strict=True) if self.strict_data else options
+
+    def clip_ids(self, split: str | None = None) -> dict[int, str]:
+        """Dataset index -> clip name (its id in the list file, or its file name) for the samples the
+        loader visits; empty when the dataset's items have no names (synthetic data, tensor files)."""
+        from avdiag.data import sample_indices
+
+        dataset = self.dataset(split)
+        clip_id = getattr(dataset, "clip_id", None)
+        if clip_id is None or len(dataset) == 0 or clip_id(0) is None:
+            return {}
+        return {i: clip_id(i) for i in sample_indices(len(dataset), self.limit, self.seed)}
+
+    def skipped_rows(self) -> list[dict[str, Any]]:
+        """Every row the opened splits left out so far (all of them, not only the first shown in a report)."""
+        return [r for ds in self._opened().values() if hasattr(ds, "skip_log") for r in ds.skip_log.rows]
+
+    def add_skipped(self, rows: list[dict[str, Any]]) -> None:
+        """Record rows another process found unusable (a torchrun rank reading other batches)."""
+        for record in rows:
+            dataset = self._opened().get(record.get("split"))
+            if dataset is not None and hasattr(dataset, "skip_log"):
+                dataset.skip_log.add_record(record)
+
+    def _opened(self) -> dict[str, Any]:
+        return self._datasets if isinstance(self.spec, str) else {self.split: self.spec}
+
+    def report(self) -> dict[str, Any]:
+        """What the data gave: per opened split its layout, rows listed, items and rows skipped; and
+        ``skipped`` (``count``, ``by_kind``, the first ``rows`` with split, row, clip, reason) over all."""
+        from avdiag.data.base import skipped_dict
+
+        splits = {split: ds.report() for split, ds in self._opened().items() if hasattr(ds, "report")}
+        rows = [r for split in splits.values() for r in split["skipped"]["rows"]]
+        skipped = skipped_dict(rows)
+        skipped["count"] = sum(split["skipped"]["count"] for split in splits.values())
+        skipped["by_kind"] = _summed([split["skipped"]["by_kind"] for split in splits.values()])
+        return {"spec": self.spec if isinstance(self.spec, str) else repr(self.spec),
+                "strict": self.strict_data, "splits": splits, "skipped": skipped}
 
     def has_split(self, split: str) -> bool:
         """Whether ``split`` can be opened (a tensor file or a factory has only the data it holds)."""
@@ -100,6 +150,14 @@ class DataSource:
 
     def torch_device(self):
         return self._device
+
+
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def pick_device(name: str):

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from avdiag import findings
+from avdiag.errors import ModelError
 from avdiag.findings import Finding
 from avdiag.load import Checkpoint
 from avdiag.locate import Layout, Located
@@ -18,6 +19,8 @@ from avdiag.measure.activity import Agreement, MeasuredLayer, agreement, approxi
 from avdiag.measure.integrity import scan_tensors
 from avdiag.measure.probe import ProbeThresholds
 from avdiag.measure.probe import probe as run_probe
+from avdiag.measure.dormant import DEFAULT_TAU, DormantCollector, DormantReport, dormant_findings
+from avdiag.measure.layernorm import LayerNormScan, scan_layernorms
 from avdiag.measure.static import LayerVerdicts, channel_stats, json_float, judge
 from avdiag.measure.thresholds import Thresholds
 from avdiag.workflows.datasource import DataSource
@@ -39,6 +42,7 @@ class ModalityScan:
     n_activation_known: int  # channels whose activation came from graph/architecture/name, not unknown
     worst_z: float | None
     worst_layer: str | None
+    activations: dict[str, int] = field(default_factory=dict)  # what the BNs feed -> channels ("?" unknown)
     n_measured_dead: int | None = None  # with a probe
     n_rarely_active: int | None = None
     agreement: Agreement | None = None
@@ -87,9 +91,10 @@ class ProbeSummary:
     missing_layers: list[str]
     precision: dict[str, Any] = field(default_factory=dict)  # amp, amp_dtype, tf32 of the run
     approximate_verdicts: list[str] = field(default_factory=list)  # std-based verdicts under autocast
+    fed: str = ""  # which modalities of the data the model was given, e.g. "visual ...; audio unused"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "model": self.model, "device": self.device, "amp": self.amp,
+        return {"data": self.data, "model": self.model, "device": self.device, "amp": self.amp, "fed": self.fed,
                 "samples": self.samples, "batches": self.batches, "thresholds": self.thresholds.to_dict(),
                 "agreement": self.agreement.to_dict(), "missing_layers": self.missing_layers,
                 **self.precision, "approximate_verdicts": self.approximate_verdicts}
@@ -108,6 +113,9 @@ class InspectResult:
     nonfinite_tensors: dict[str, int] = field(default_factory=dict)
     probe: ProbeSummary | None = None
     measured: dict[str, MeasuredLayer] = field(default_factory=dict)  # layer name -> probe verdicts
+    data: dict[str, Any] | None = None  # with a probe: DataSource.report() (layout, skipped rows)
+    dormant: DormantReport | None = None  # with a probe: ReDo dormant units of non-BN layers
+    layernorm: LayerNormScan | None = None  # the static LayerNorm scan, when the checkpoint has LayerNorms
 
     @property
     def n_dead(self) -> int:
@@ -124,15 +132,33 @@ class InspectResult:
         if self.probe:
             n = sum(len(m.dead) for m in self.measured.values())
             measured = f"; measured dead {n} on {self.probe.samples} samples"
+            if self.dormant is not None and self.dormant.layers:
+                d = self.dormant
+                measured += f"; {d.n_dormant}/{d.n_units} dormant units (tau {d.tau:g})"
+        norms = ""
+        if self.layernorm is not None:
+            t = self.layernorm.totals()
+            norms = f"; {t['n_layers']} LayerNorm layers ({t['n_constant']} constant features)"
         return (f"{self.n_dead} dead of {self.n_channels} BatchNorm channels in {len(self.layers)} layers"
-                f"{' (' + per + ')' if per else ''}{measured}{nan}")
+                f"{' (' + per + ')' if per else ''}{self._undecided_text()}{norms}{measured}{nan}")
+
+    @property
+    def n_undecided(self) -> int:
+        """Channels that are dead if an activation follows their BN, which nothing here tells."""
+        return sum(m.n_possibly_dead for m in self.modalities.values())
+
+    def _undecided_text(self) -> str:
+        if not self.n_undecided:
+            return ""
+        return (f"; {self.n_undecided} undecided (what their BN feeds is unknown: "
+                "--assume-activation relu or --model decides)")
 
     def ref(self) -> CheckpointRef:
         return CheckpointRef(self.checkpoint.path, self.checkpoint.format, self.checkpoint.sha256)
 
     def summary(self) -> dict[str, Any]:
         return {"n_bn_layers": len(self.layers), "n_bn_channels": self.n_channels, "n_dead": self.n_dead,
-                "n_findings": len(self.findings), "nonfinite_tensors": dict(self.nonfinite_tensors),
+                "n_undecided": self.n_undecided, "n_findings": len(self.findings), "nonfinite_tensors": dict(self.nonfinite_tensors),
                 "text": self.summary_line()}
 
     def to_dict(self, per_channel: bool = False) -> dict[str, Any]:
@@ -144,6 +170,9 @@ class InspectResult:
             "layers": [_layer_dict(v, per_channel, self.measured.get(v.layer.name)) for v in self.layers],
             "findings": [f.to_dict() for f in self.findings],
             **({"probe": self.probe.to_dict()} if self.probe else {}),
+            **({"data": self.data} if self.data is not None else {}),
+            **({"dormant": self.dormant.to_dict(per_channel)} if self.dormant is not None else {}),
+            **({"layernorm": self.layernorm.to_dict()} if self.layernorm is not None else {}),
         })
 
     def to_frame(self):
@@ -170,6 +199,7 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool, measured: MeasuredLayer | N
     layer = v.layer
     d = {
         "name": layer.name,
+        "kind": "batchnorm",
         "modality": layer.modality,
         "channels": layer.channels,
         "feeds_activation": layer.feeds_activation,
@@ -199,9 +229,14 @@ def _layer_dict(v: LayerVerdicts, per_channel: bool, measured: MeasuredLayer | N
 def inspect(checkpoint: str | Path | Subject, *, thresholds: Thresholds | None = None,
             data: DataSource | None = None, probe_thresholds: ProbeThresholds | None = None,
             hash_file: bool = True, load: LoadOptions | None = None,
-            progress: ProgressFactory = no_progress) -> InspectResult:
+            progress: ProgressFactory = no_progress, model: str | None = None,
+            dormant_tau: float | None = DEFAULT_TAU) -> InspectResult:
     """Scan every BatchNorm channel of ``checkpoint`` statically; with ``data``, also run its model on
     the data and measure every channel's activity next to the static prediction.
+
+    What each BN feeds comes from the model where one is available: ``model`` (pkg.module:factory,
+    default the data's ``--model``), else the built-in architecture when names alone leave a layer
+    undecided (:func:`read_model_consumers`).
 
     ``checkpoint`` is a path (opened with ``load``: allowed globals, modality prefixes, BN eps, assumed
     activation) or an open :class:`Subject`. ``hash_file=False`` skips the SHA-256
@@ -210,14 +245,16 @@ def inspect(checkpoint: str | Path | Subject, *, thresholds: Thresholds | None =
     unreadable or refused files, and :class:`avdiag.errors.ModelError` when no model can run on the data.
     """
     subject = Subject.of(checkpoint, load)
-    result = scan(subject, thresholds or Thresholds(), hash_file=hash_file)
+    factory = model or (data.model if data is not None else None)
+    result = scan(subject, thresholds or Thresholds(), hash_file=hash_file, model=factory)
     if data is not None:
-        _run_probe(result, subject, data, probe_thresholds or ProbeThresholds(), progress)
+        _run_probe(result, subject, data, probe_thresholds or ProbeThresholds(), progress, dormant_tau)
     return result
 
 
-def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True) -> InspectResult:
-    """The static part of an inspection, on an open Subject."""
+def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True, model: str | None = None) -> InspectResult:
+    """The static part of an inspection, on an open Subject (``model``: see :func:`read_model_consumers`)."""
+    read_model_consumers(subject, model)
     ckpt, located = subject.ckpt, subject.located
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(subject.sha256) if hash_file else None  # overlaps the tensor scan
@@ -227,25 +264,62 @@ def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True) -> In
                                 tensor_scan.n_tensors, tensor_scan.n_elements, [u.to_dict() for u in ckpt.unwrapped],
                                 ckpt.extras)
     modalities = _summarise(verdicts, located.layout)
-    return InspectResult(summary, located.layout, thresholds, verdicts, modalities,
-                         _findings(verdicts, tensor_scan.nonfinite, thresholds), tensor_scan.nonfinite)
+    result = InspectResult(summary, located.layout, thresholds, verdicts, modalities,
+                           _findings(verdicts, tensor_scan.nonfinite, thresholds), tensor_scan.nonfinite)
+    norms = scan_layernorms(ckpt.tensors, located.layout.modality_of, {layer.name for layer in located.layers})
+    if norms.layers:
+        result.layernorm = norms
+        # The LayerNorm scan had something to look at: "nothing to look at" would be a false alarm in CI.
+        result.findings = [f for f in result.findings if f.id != findings.NO_BATCHNORM]
+        result.findings.extend(norms.findings())
+    return result
+
+
+def read_model_consumers(subject: Subject, factory: str | None = None) -> str | None:
+    """Read what each BN feeds from the model itself, into ``subject.located``: from ``factory``'s model
+    (a ModelError when it cannot be built), else from the built-in architecture's, and then only when
+    some layer's activation rests on names alone. Returns the model's source, None when none was read."""
+    from avdiag.locate.consumers import apply_model_facts, model_facts, needs_model
+
+    located = subject.located
+    if located.consumers_from is not None and (factory is None or located.consumers_from.endswith(factory)):
+        return located.consumers_from or None  # read before ("" : no model could be built)
+    if factory is None and not needs_model(located.layers):
+        return None
+    try:
+        resolved = subject.model(factory)
+    except ModelError:
+        if factory is not None:
+            raise
+        located.consumers_from = ""
+        return None
+    facts, how = model_facts(resolved)
+    apply_model_facts(located.layers, facts, f"{resolved.source} ({how})", explicit=factory is not None)
+    located.consumers_from = resolved.source
+    return resolved.source
 
 
 def _run_probe(result: InspectResult, subject: Subject, data: DataSource, thresholds: ProbeThresholds,
-               progress: ProgressFactory) -> None:
+               progress: ProgressFactory, dormant_tau: float | None = DEFAULT_TAU) -> None:
     resolved = subject.model_for(data)
     device = data.torch_device()
+    dormant = None if dormant_tau is None else DormantCollector(dormant_tau, subject.located.layout.modality_of)
     with progress(data.n_samples(), "probing") as advance:
-        run = run_probe(resolved, subject.located.layers, data.loader(), device, data.amp, advance, tf32=data.tf32)
+        run = run_probe(resolved, subject.located.layers, data.loader(), device, data.amp, advance, tf32=data.tf32,
+                        collectors=[dormant] if dormant is not None else [])
+    result.dormant = dormant.result() if dormant is not None else None
     for v in result.layers:
         if v.layer.name in run.activity:
             result.measured[v.layer.name] = judge_activity(v, run.activity[v.layer.name], thresholds)
     measured = list(result.measured.values())
+    result.data = data.report()
     result.probe = ProbeSummary(data.name, run.model_source, run.device, run.amp, run.samples, run.batches,
                                 thresholds, agreement(measured), run.missing_layers, run.precision_dict(),
-                                approximate_verdicts(run.amp, measured))
+                                approximate_verdicts(run.amp, measured), resolved.fed(tuple(data.modalities)))
     _summarise_measured(result)
     result.findings.extend(_probe_findings(result))
+    if result.dormant is not None:
+        result.findings.extend(dormant_findings(result.dormant))
 
 
 def _summarise_measured(result: InspectResult) -> None:
@@ -300,8 +374,17 @@ def _summarise(verdicts: list[LayerVerdicts], layout: Layout) -> dict[str, Modal
             sum(len(v.collapsed) for v in group), sum(len(v.nonfinite) for v in group),
             sum(len(v.possibly_dead) for v in group),
             sum(v.layer.channels for v in group if v.layer.feeds_activation != "unknown"),
-            worst.worst_z if worst else None, worst.layer.name if worst else None)
+            worst.worst_z if worst else None, worst.layer.name if worst else None, _activations(group))
     return out
+
+
+def _activations(group: list[LayerVerdicts]) -> dict[str, int]:
+    """Channels per kind of what their BN feeds (relu, prelu, gelu, add, ...; "?" where unknown)."""
+    out: dict[str, int] = {}
+    for v in group:
+        kind = v.layer.activation if v.layer.feeds_activation != "unknown" else "?"
+        out[kind or "?"] = out.get(kind or "?", 0) + v.layer.channels
+    return dict(sorted(out.items()))
 
 
 def _findings(verdicts: list[LayerVerdicts], nonfinite: dict[str, int], t: Thresholds) -> list[Finding]:
@@ -318,7 +401,7 @@ def _findings(verdicts: list[LayerVerdicts], nonfinite: dict[str, int], t: Thres
             (findings.CONSTANT, v.constant, f"{{n}}/{c} channels constant (s < {t.constant_scale:g})"),
             (findings.LOW_GAIN, v.low_gain, f"{{n}}/{c} channels with |gamma| < {t.low_gain:g}"),
             (findings.POSSIBLY_DEAD, v.possibly_dead, f"{{n}}/{c} channels would be dead if an activation follows "
-                                               f"(unknown here; pass --assume-activation relu to count them)"),
+                                               f"(unknown here; --assume-activation relu or --model decides)"),
         ]
         for rule_id, channels, text in checks:
             if channels:

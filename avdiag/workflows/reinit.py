@@ -11,7 +11,7 @@ pass) and scanned again after it replaced the target.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +100,40 @@ class ReinitResult:
     verification: dict[str, Any]
     warnings: list[str]
     diagnosis: dict[str, Any] = field(default_factory=dict)
+    revived_beyond_blend: dict[str, dict[str, list]] = field(default_factory=dict)  # layer -> channels, alpha
+    still_dead: dict[str, list[int]] | None = None  # layer -> channels in scope the written file has dead
+    data: dict[str, Any] | None = None  # DataSource.report() of the data used (layout, skipped rows); None without
+
+    @property
+    def n_still_dead(self) -> int:
+        return sum(len(c) for c in (self.still_dead or {}).values())
+
+    @property
+    def n_revived(self) -> int:
+        return sum(len(r["channels"]) for r in self.revived_beyond_blend.values())
 
     def summary_line(self) -> str:
         if self.target is None:
             return f"{self.method}: {self.warnings[0] if self.warnings else 'nothing in scope to rewrite'}"
         dead = ", ".join(f"{m} {self.dead_before.get(m, 0)} -> {self.dead_after.get(m, 0)}" for m in self.dead_before)
         forward = self.verification.get("forward")
-        return (f"{self.method}: {len(self.changes)} tensors rewritten into {self.target}; "
-                f"dead channels {dead}; verified ({self.verification['identical']} tensors bit-identical"
+        revived = f" ({self.n_revived} revived beyond the paper's blend)" if self.n_revived else ""
+        return (f"{self._still_dead_text()}{self.method}: {len(self.changes)} tensors rewritten into {self.target}; "
+                f"dead channels {dead}{revived}; verified ({self.verification['identical']} tensors bit-identical"
                 f"{', forward ' + forward if forward else ''})")
+
+    def _still_dead_text(self) -> str:
+        if not self.n_still_dead:
+            return ""
+        layers = ", ".join(list(self.still_dead)[:3]) + (", ..." if len(self.still_dead) > 3 else "")
+        return (f"{self.n_still_dead} channel(s) in scope still dead after the rewrite ({layers}): these "
+                "options leave them dead (JSON still_dead); ")
 
     def summary(self) -> dict[str, Any]:
         return {"n_rewritten": len(self.changes), "n_dead_before": sum(self.dead_before.values()),
-                "n_dead_after": sum(self.dead_after.values()), "text": self.summary_line()}
+                "n_dead_after": sum(self.dead_after.values()), "n_revived_beyond_blend": self.n_revived,
+                "n_still_dead": self.n_still_dead if self.still_dead is not None else None,
+                "text": self.summary_line()}
 
     def to_dict(self) -> dict[str, Any]:
         return envelope("reinit", [self.source], self.summary(), {
@@ -120,7 +141,9 @@ class ReinitResult:
             "parameters": self.parameters, "diagnosis": self.diagnosis,
             "changes": [c.to_dict() for c in self.changes],
             "dead_before": self.dead_before, "dead_after": self.dead_after,
-            "verification": self.verification, "warnings": self.warnings})
+            "revived_beyond_blend": self.revived_beyond_blend, "still_dead": self.still_dead,
+            "verification": self.verification, "warnings": self.warnings,
+            **({"data": self.data} if self.data is not None else {})})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReinitResult":
@@ -129,7 +152,10 @@ class ReinitResult:
                    d["method"], dict(d.get("parameters") or {}),
                    [RewrittenTensor.from_dict(c) for c in d.get("changes") or []],
                    dict(d.get("dead_before") or {}), dict(d.get("dead_after") or {}),
-                   dict(d.get("verification") or {}), list(d.get("warnings") or []), dict(d.get("diagnosis") or {}))
+                   dict(d.get("verification") or {}), list(d.get("warnings") or []), dict(d.get("diagnosis") or {}),
+                   dict(d.get("revived_beyond_blend") or {}),
+                   None if d.get("still_dead") is None else {k: list(v) for k, v in d["still_dead"].items()},
+                   d.get("data"))
 
     def to_frame(self):
         """One row per rewritten tensor (pandas DataFrame; a new tensor's norm before is NaN)."""
@@ -166,20 +192,26 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
     modality = options.modality
     subject = Subject.of(checkpoint, load)
     thresholds = thresholds or Thresholds()
-    before = scan(subject, thresholds)
+    before = scan(subject, thresholds, model=data.model if data is not None else None)
     batches = _Batches(data) if data is not None else None
     target_input = methods.RewriteInput(subject.ckpt, subject.located, before.layers, modality,
-                                        _data_access(subject, data, batches) if data is not None else None)
+                                        _data_access(subject, data, batches) if data is not None else None,
+                                        thresholds)
     rewrite = method.apply(target_input, settings)
     if not rewrite.tensors:
-        return _nothing_to_do(subject, method.name, rewrite, before)
+        return replace(_nothing_to_do(subject, method.name, rewrite, before), data=_data_report(data))
     target = Path(out)
     verification, warnings = _write_verified(subject, rewrite, method, settings, before, target, data, batches,
                                              in_place=in_place, drop_optimizer=drop_optimizer, fmt=fmt)
-    after = scan(Subject.open(target, _reopen_options(subject)), thresholds, hash_file=False)
+    after = scan(_reopened(subject, target), thresholds, hash_file=False)
     return ReinitResult(subject.ref(), str(target), method.name, rewrite.parameters,
                         _changes(subject.ckpt, rewrite.tensors), _dead(before), _dead(after),
-                        verification, warnings, rewrite.diagnosis)
+                        verification, warnings, rewrite.diagnosis, rewrite.revived, _still_dead(rewrite.scope, after),
+                        _data_report(data))
+
+
+def _data_report(data: DataSource | None) -> dict[str, Any] | None:
+    return data.report() if data is not None else None
 
 
 def _nothing_to_do(subject: Subject, method: str, rewrite, before) -> ReinitResult:
@@ -197,6 +229,7 @@ def _scope_words(method: str, parameters: dict[str, Any]) -> str:
     words = [f"{key} {parameters[key]!r}" for key in ("scope", "variant") if parameters.get(key)]
     if parameters.get("modality"):
         words.append(f"modality {parameters['modality']}")
+    words += [f"{m} {state}" for m, state in (parameters.get("per_modality") or {}).items()]
     return ", ".join(words) or f"method {method}"
 
 
@@ -228,6 +261,34 @@ def _data_access(subject: Subject, data: DataSource, batches: _Batches) -> metho
 
     return methods.DataAccess(model=lambda: subject.model_for(data), batches=batches, classes=classes,
                               device=data.torch_device(), amp=data.amp)
+
+
+def _reopened(subject: Subject, target: Path) -> Subject:
+    """The written file, opened as the input was, knowing what each BN feeds as the input's scan did."""
+    written = Subject.open(target, _reopen_options(subject))
+    known = {layer.name: layer for layer in subject.located.layers}
+    for layer in written.located.layers:
+        same = known.get(layer.name)
+        if same is not None and same.activation_source.startswith("model:"):
+            layer.feeds_activation, layer.activation = same.feeds_activation, same.activation
+            layer.activation_source, layer.eps, layer.eps_source = same.activation_source, same.eps, same.eps_source
+    written.located.consumers_from = subject.located.consumers_from
+    return written
+
+
+def _still_dead(scope: dict[str, list[int] | None] | None, after: InspectResult) -> dict[str, list[int]] | None:
+    """Layer -> the channels of the rewrite's scope that the scan of the written file finds dead (None when
+    the method makes no such promise)."""
+    if scope is None:
+        return None
+    out = {}
+    for v in after.layers:
+        if v.layer.name in scope:
+            wanted = scope[v.layer.name]
+            dead = [c for c in v.dead if wanted is None or c in set(wanted)]
+            if dead:
+                out[v.layer.name] = dead
+    return out
 
 
 def _reopen_options(subject: Subject) -> LoadOptions:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from avdiag.errors import UsageError
 from avdiag.load.write import atomic_write
+from avdiag.measure.runlog import is_run_log_path, read_run_log, read_text
 from avdiag.report.document import build_document
 from avdiag.report.html import render_html
 from avdiag.report.markdown import render_markdown
@@ -23,18 +24,14 @@ MARKDOWN_SUFFIXES = (".md",)
 
 
 def load_results(paths: list[Path]) -> list[dict]:
-    """The JSON documents at ``paths``, in order; a one-line UsageError naming the file when one cannot
+    """The JSON documents at ``paths``, in order (a ``.jsonl`` path is a training run log of
+    :mod:`avdiag.monitor`, read as one result); a one-line UsageError naming the file when one cannot
     be read, is not JSON, or is not an avdiag result."""
-    return [_load_result(Path(p)) for p in paths]
+    return [read_run_log(p).to_result() if is_run_log_path(p) else _load_result(Path(p)) for p in paths]
 
 
 def _load_result(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not a UTF-8 text file") from e
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

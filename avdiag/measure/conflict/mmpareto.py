@@ -49,7 +49,7 @@ import torch
 
 from avdiag.errors import DataError, ModelError
 from avdiag.locate.resolve import is_out_of_memory
-from avdiag.measure.conflict.budget import DEFAULT_MAX_MEMORY, format_bytes
+from avdiag.measure.conflict.budget import default_budget, format_bytes
 from avdiag.measure.conflict.engine import BatchRecord, Engine
 from avdiag.measure.conflict.gradients import MODALITIES, Encoder, ModelState, encoder_info
 from avdiag.measure.conflict.hooks import hooks_apply
@@ -62,7 +62,6 @@ from avdiag.models.parts import AVParts
 
 MMPARETO_GAMMA = 1.5
 MMPARETO_CLIP = (0.001, 0.999)
-DEFAULT_MEMORY_BYTES = DEFAULT_MAX_MEMORY
 
 __all__ = ["ConflictMeter", "MMPARETO_GAMMA", "cosine", "encoder_figures", "measure", "mmpareto_scale",
            "mmpareto_weights", "pcgrad"]
@@ -165,7 +164,7 @@ class ConflictMeter:
 
     def __init__(self, parts: AVParts, device: torch.device | str = "cpu", per_sample: bool = True,
                  train_mode: bool = False, *, method: str = "auto", gamma: float = MMPARETO_GAMMA,
-                 memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None, sketch: int | None = None,
+                 memory_bytes: int | None = None, layer_method: str | None = None, sketch: int | None = None,
                  sketch_seed: int = 0, amp: bool = False, tf32: bool = False, top_k: int = 10):
         self.device = torch.device(device)
         self.tf32 = tf32
@@ -176,7 +175,8 @@ class ConflictMeter:
         kinds = _engines(method, self.encs, parts.sample_major_rows)
         enc_ids = {id(p) for e in self.encs.values() for p in e.params}
         head_params = [p for p in model.parameters() if id(p) not in enc_ids]
-        self.engine = Engine(parts, self.encs, head_params, self.device, kinds, memory_bytes,
+        budget = default_budget(self.device) if memory_bytes is None else memory_bytes
+        self.engine = Engine(parts, self.encs, head_params, self.device, kinds, budget,
                              layer_method=layer_method, sketch=Sketch(sketch, sketch_seed) if sketch else None,
                              amp=amp)
         self.kinds = kinds
@@ -241,7 +241,7 @@ class ConflictMeter:
 
 def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
             per_sample: bool = True, train_mode: bool = False, *, method: str = "auto",
-            gamma: float = MMPARETO_GAMMA, memory_bytes: int = DEFAULT_MAX_MEMORY, layer_method: str | None = None,
+            gamma: float = MMPARETO_GAMMA, memory_bytes: int | None = None, layer_method: str | None = None,
             sketch: int | None = None, sketch_seed: int = 0, amp: bool = False, tf32: bool = False,
             top_k: int = 10, on_batch: Callable[[int], None] | None = None) -> GradientConflict:
     """MMPareto / PCGrad / head / per-sample gradient conflict of ``parts`` over ``batches``.
@@ -254,7 +254,8 @@ def measure(parts: AVParts, batches: Iterable[dict[str, Any]], device: torch.dev
     vmap), ``"hooks"``, ``"vmap"`` or ``"loop"``; ``layer_method`` forces one method of
     :mod:`avdiag.measure.conflict.layers` on every layer it applies to (default: timed choice).
     ``memory_bytes``: the memory budget of the eval-mode passes (chunks are sized from it; a
-    train-mode batch takes one pass over the whole batch). ``sketch``: approximate per-sample
+    train-mode batch takes one pass over the whole batch); None: 2 GiB on a CPU, half the free
+    memory of a GPU (:func:`~avdiag.measure.conflict.budget.default_budget`). ``sketch``: approximate per-sample
     cosines from a random projection of that many numbers per layer (``sketch_seed``); the result
     then says so and carries the error measured on the first samples. ``amp``: autocast on CUDA.
     ``tf32``: allow TF32 matmuls and convolutions on CUDA (default off: full float32).

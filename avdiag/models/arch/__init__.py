@@ -6,4 +6,5 @@ the research layouts first (most specific signature first), then the single-moda
 
 # isort: skip_file
 from avdiag.models.arch import legacy_ogm, opm_journal, balance, mmpareto, crmt, ogm_ge  # noqa: F401
+from avdiag.models.arch import av_transformer  # noqa: F401
 from avdiag.models.arch import resnet, efficientnet, mobilenet, vgg, crepe  # noqa: F401

@@ -11,8 +11,14 @@ from avdiag.report.cells import fmt_num, fmt_pct, kv_table
 
 @section_builder("conflict")
 def conflict_section(res: dict, anchor: str) -> Section:
-    section = Section(anchor, "conflict", f"conflict: {acc.checkpoint_path(res)} on {res.get('data', '?')}")
+    data = res.get("data")
+    name = data.get("name", "?") if isinstance(data, dict) else (data or "?")  # schema 1.0: the name itself
+    section = Section(anchor, "conflict", f"conflict: {acc.checkpoint_path(res)} on {name}")
     section.add(Text(acc.summary_text(res) or "conflict", "summary"), _modality_table(res))
+    skipped = acc.obj(acc.obj(data).get("skipped")) if isinstance(data, dict) else {}
+    if skipped.get("count"):
+        section.add(Text(f"{skipped['count']} listed row(s) skipped (missing or damaged files); "
+                         "the JSON lists them under data.skipped", "note"))
     ogm, opm = acc.obj(res.get("ogm")), acc.obj(res.get("opm"))
     section.add(kv_table("OGM-GE and OPM", [("rho", acc.obj(ogm.get("rho"))),
                                             ("coefficients", acc.obj(ogm.get("coefficients"))),

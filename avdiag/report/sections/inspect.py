@@ -35,6 +35,8 @@ def inspect_section(res: dict, anchor: str) -> Section:
         section.add(_flagged_table(flagged, bool(probe)))
     if layers:
         section.add(_all_layers_table(layers, bool(probe)))
+    section.add(*_layernorm_blocks(acc.obj(res.get("layernorm"))))
+    section.add(*_dormant_blocks(acc.obj(res.get("dormant"))))
     findings = acc.dicts(res.get("findings"))
     if findings:
         section.add(Table(f"Findings ({len(findings)})", ["severity", "id", "location", "message"],
@@ -234,3 +236,59 @@ def _all_layers_table(layers: list[dict], probe: bool) -> Table:
                     fmt_num(layer.get("positions_seen"))]
         rows.append(row)
     return Table(f"All BN layers ({len(layers)})", headers, rows, kinds, collapsed=True)
+
+
+def _dormant_blocks(dormant: dict) -> list[Block]:
+    """The ReDo dormant units of the probed activation, MLP, conv and attention layers (inspect --data)."""
+    if not dormant:
+        return []
+    tau = acc.finite_num(dormant.get("tau"))
+    test = "output exactly 0" if not tau else f"score <= {tau:g}"
+    layers = acc.dicts(dormant.get("layers"))
+    out: list[Block] = [Text(f"Dormant units (ReDo, {test}): {fmt_num(dormant.get('n_dormant'))} of "
+                             f"{fmt_num(dormant.get('n_units'))} units in {len(layers)} layers"
+                             + (f"; {dormant['note']}" if dormant.get("note") else ""), "text")]
+    rows = []
+    for name, m in acc.obj(dormant.get("modalities")).items():
+        m = acc.obj(m)
+        kinds = ", ".join(f"{k} {fmt_num(acc.obj(v).get('dormant'))}/{fmt_num(acc.obj(v).get('units'))}"
+                          for k, v in acc.obj(m.get("by_kind")).items())
+        rows.append([str(name), fmt_num(m.get("n_layers")), fmt_num(m.get("n_units")), fmt_num(m.get("n_dormant")),
+                     fmt_pct(m.get("dormant_ratio")), kinds])
+    if rows:
+        out.append(Table("Dormant units per modality", ["modality", "layers", "units", "dormant", "ratio", "by kind"],
+                         rows, "lrrrrl", collapsed=False))
+    if layers:
+        out.append(Table(f"Dormant units per layer ({len(layers)})",
+                         ["layer", "kind", "modality", "module", "units", "dormant", "min score", "dormant units"],
+                         [[str(x.get("name")), str(x.get("kind")), str(x.get("modality")), str(x.get("module_type")),
+                           fmt_num(x.get("units")), fmt_num(x.get("n_dormant")), fmt_fixed(x.get("min_score")),
+                           preview(x.get("dormant_units")) or NONE] for x in layers], "cllcrrrl"))
+    return out
+
+
+def _layernorm_blocks(scan: dict) -> list[Block]:
+    """The static LayerNorm scan: per modality, then the layers with flagged features or feeding rows."""
+    if not scan:
+        return []
+    rows = []
+    for name, t in acc.obj(scan.get("modalities")).items():
+        t = acc.obj(t)
+        rows.append([str(name)] + [fmt_num(t.get(k)) for k in ("n_layers", "n_features", "n_constant", "n_low_gain",
+                                                              "n_nonfinite", "n_collapsed_rows")])
+    out: list[Block] = [Table("LayerNorm layers per modality (static: constant means |gamma| * sqrt(D-1) < "
+                              f"{fmt_num(acc.obj(scan.get('thresholds')).get('constant_scale'))})",
+                              ["modality", "layers", "features", "constant", "low gain", "non-finite",
+                               "collapsed feeding rows"], rows, "lrrrrrr", collapsed=False)]
+    flagged = [x for x in acc.dicts(scan.get("layers"))
+               if acc.count(x.get("constant_features")) or acc.count(x.get("low_gain_features"))
+               or acc.count(x.get("nonfinite_features"))
+               or any(acc.count(acc.obj(f).get("collapsed_rows")) for f in acc.obj(x.get("feeding_linears")).values())]
+    if flagged:
+        out.append(Table(f"LayerNorm layers with flagged features ({len(flagged)})",
+                         ["layer", "modality", "features", "constant", "low gain", "non-finite", "min |gamma|"],
+                         [[str(x.get("name")), str(x.get("modality")), fmt_num(x.get("features")),
+                           preview(x.get("constant_features")) or NONE, preview(x.get("low_gain_features")) or NONE,
+                           preview(x.get("nonfinite_features")) or NONE, fmt_num(x.get("min_abs_gain"))]
+                          for x in flagged], "clrlllr"))
+    return out

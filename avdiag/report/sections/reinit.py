@@ -31,6 +31,13 @@ def reinit_section(res: dict, anchor: str) -> Section:
                   "(after), per modality.",
                   lambda: plots.dead_before_after(labels, b, a, "dead BN channels per modality: before → after"),
                   lambda: [Code("", plots.before_after_text(labels, b, a))]))
+    for key, title in (("revived_beyond_blend", "Revived beyond the paper's blend (a smaller alpha per channel)"),
+                       ("still_dead", "Still dead after the rewrite with these options")):
+        layers = acc.obj(res.get(key))
+        if layers:
+            section.add(Table(title, ["layer", "channels"],
+                              [[name, _channel_list(v.get("channels") if isinstance(v, dict) else v)]
+                               for name, v in layers.items()], "ll"))
     diagnosis = acc.obj(res.get("diagnosis"))
     if diagnosis:
         section.add(dict_table("Diagnosis", "modality", diagnosis))
@@ -71,3 +78,8 @@ def _change_row(change: dict) -> list[str]:
     ratio = after / before if before and after is not None and math.isfinite(before) else None
     return [str(change.get("name")), fmt_num(change.get("channels_changed")), fmt_num(before, 4), fmt_num(after, 4),
             fmt_num(ratio)]
+
+
+def _channel_list(channels: Any) -> str:
+    values = acc.items(channels)
+    return ", ".join(map(str, values[:16])) + (f" ... ({len(values)} in all)" if len(values) > 16 else "")

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from avdiag.report.terminal.inspect import synthetic_note
+from avdiag.report.terminal.inspect import skipped_note, synthetic_note
 
 if TYPE_CHECKING:
     from avdiag.workflows.conflict import ConflictResult
@@ -21,6 +21,9 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
     console.print(escape(f"{result.checkpoint.path}: {result.model} on {result.data} ({result.device}, "
                          f"{result.world_size} process(es)); uni-modal logits from "
                          f"{result.contribution.unimodal_source}" + synthetic_note(result.data)), highlight=False)
+    note = skipped_note(result.data_report)
+    if note:
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
     console.print(_conflict_table(result))
     console.print(_contribution_table(result))
     ogm = result.contribution.ogm
@@ -28,12 +31,18 @@ def render_conflict(result: "ConflictResult", console: Console, quiet: bool = Fa
                          f"OPM drop probability {_fmt(result.contribution.opm.drop_probability)}; fused accuracy "
                          f"{result.contribution.fused_accuracy:.3f}"), highlight=False)
     for m, s in result.conflict.summaries.items():
-        worst = ", ".join(f"#{r['index']} ({r['cos']:+.2f})" for r in s.most_conflicting[:5])
+        worst = ", ".join(_sample(result, r["index"], r["cos"]) for r in s.most_conflicting[:5])
         if worst:
             console.print(escape(f"{m}: most conflicting samples {worst}"), highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def _sample(result: "ConflictResult", index: int, cos: float) -> str:
+    """A most-conflicting sample by its clip name when the data names its items: ``vidA_0 (#3, -0.52)``."""
+    clip = result.clip(index)
+    return f"{clip} (#{index}, {cos:+.2f})" if clip else f"#{index} ({cos:+.2f})"
 
 
 def _fmt(d: dict) -> str:

@@ -36,6 +36,8 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
             console.print(table)
     if hidden:
         console.print(f"[dim]{hidden} layer(s) without findings not shown: --verbose shows every layer[/]")
+    if getattr(result, "layernorm", None) is not None:
+        _layernorm_lines(result.layernorm, console)
     if verbose:
         for f in result.findings:
             console.print(f"[{_SEVERITY_STYLE[f.severity]}]{f.severity:7}[/] {f.id:22} {escape(f.message)}",
@@ -44,15 +46,35 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
         _grouped_findings(result.findings, console)
     if result.probe:
         p = result.probe
-        console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} ({p.model}, data {p.data})"
-                             + synthetic_note(p.data)), highlight=False)
+        fed = f"; fed {p.fed}" if p.fed and "unused" in p.fed else ""
+        console.print(escape(f"probe: {p.samples} samples in {p.batches} batches on {p.device} "
+                             f"({p.model}, data {p.data}{fed})" + synthetic_note(p.data)), highlight=False)
         for name, m in result.modalities.items():
-            if m.agreement is not None:
+            if m.agreement is not None and m.n_bn_channels:
                 console.print(f"  {name}: measured dead {m.n_measured_dead}/{m.n_bn_channels}, rarely active "
                               f"{m.n_rarely_active}; static prediction {_agreement(m.agreement)}", highlight=False)
+        if getattr(result, "dormant", None) is not None:
+            _dormant_lines(result.dormant, console, verbose)
+    note = skipped_note(getattr(result, "data", None))
+    if note:
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
     for step in next_steps(result):
         console.print(f"next: {escape(step)}", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def skipped_note(report: dict | None) -> str | None:
+    """One line on the data rows left out (``DataSource.report()``): how many, why, the first; None when none."""
+    skipped = (report or {}).get("skipped") or {}
+    count = skipped.get("count", 0)
+    if not count:
+        return None
+    listed = sum(split.get("listed", 0) for split in (report or {}).get("splits", {}).values())
+    kinds = ", ".join(f"{n} {kind}" for kind, n in skipped.get("by_kind", {}).items())
+    first = skipped.get("rows", [{}])[0]
+    where = f"{first.get('split')} row {first.get('row')} {first.get('clip')}" if first else ""
+    return (f"data: skipped {count} of {listed} listed rows ({kinds}); first: {where}: {first.get('reason')}; "
+            "the JSON lists them (data.skipped); --strict-data makes this an error")
 
 
 def synthetic_note(data_name: str) -> str:
@@ -93,6 +115,30 @@ def next_steps(result: InspectResult) -> list[str]:
         steps.append(f"{undecided} channel(s) feed an unknown activation: --assume-activation relu (or --data with "
                      "the model) decides them")
     return steps
+
+
+def _layernorm_lines(scan, console: Console) -> None:
+    """The static LayerNorm scan: the totals, then one line per modality."""
+    console.print(escape(scan.summary_text()), highlight=False)
+    for name, t in scan.modalities().items():
+        console.print(escape(f"  {name}: {t['n_layers']} LayerNorm layers, {t['n_features']} features, "
+                             f"{t['n_constant']} constant, {t['n_low_gain']} low-gain, {t['n_nonfinite']} non-finite, "
+                             f"{t['n_collapsed_rows']} collapsed rows feeding them"), highlight=False)
+
+
+def _dormant_lines(dormant, console: Console, verbose: bool, shown: int = 8) -> None:
+    """The ReDo dormant units: the total, per modality and layer kind, then the layers that have some."""
+    console.print(escape(dormant.summary_text()), highlight=False)
+    for name, m in dormant.modalities().items():
+        kinds = ", ".join(f"{kind} {d}/{u}" for kind, (u, d) in m.by_kind.items())
+        console.print(escape(f"  {name}: {m.n_dormant}/{m.n_units} dormant ({kinds})"), highlight=False)
+    hit = [layer for layer in dormant.layers if layer.dormant]
+    for layer in hit if verbose else hit[:shown]:
+        units = ", ".join(map(str, layer.dormant[:8])) + (", ..." if len(layer.dormant) > 8 else "")
+        console.print(escape(f"    {layer.name} ({layer.kind}): {len(layer.dormant)}/{layer.units} [{units}]"),
+                      highlight=False)
+    if not verbose and len(hit) > shown:
+        console.print(f"[dim]    ... {len(hit) - shown} more layer(s) with dormant units: --verbose lists them[/]")
 
 
 def _agreement(a) -> str:

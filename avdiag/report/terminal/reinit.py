@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from avdiag.report.terminal.columns import Column, fitted_table, number
+from avdiag.report.terminal.inspect import skipped_note
 
 if TYPE_CHECKING:
     from avdiag.workflows.reinit import ReinitResult
@@ -24,8 +25,10 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
         return
     console.print(f"[bold]{escape(result.source.path)}[/] -> [bold]{escape(result.target)}[/] ({result.method}, "
                   + escape(", ".join(f"{k}={v}" for k, v in result.parameters.items()
-                                     if k not in ("method", "layers", "channels") and v is not None)) + ")",
-                  highlight=False)
+                                     if k not in ("method", "layers", "channels", "per_modality") and v is not None))
+                  + ")", highlight=False)
+    for modality, state in (result.parameters.get("per_modality") or {}).items():
+        console.print(f"  {escape(modality)}: {escape(state)}", highlight=False)
     for modality, state in result.diagnosis.items():
         console.print(f"  {modality}: purity train {state['purity_train']:.3f}, held-out {state['purity_heldout']:.3f},"
                       f" gap {state['gap']:.3f} -> alpha {state['alpha']:.3f}", highlight=False)
@@ -33,6 +36,9 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
     for modality in result.dead_before:
         console.print(f"  {modality}: dead channels {result.dead_before[modality]} -> "
                       f"{result.dead_after.get(modality, 0)}", highlight=False)
+    _print_channels(console, "revived beyond the paper's blend (a smaller alpha: z reaches the revive margin)",
+                    {name: r["channels"] for name, r in result.revived_beyond_blend.items()}, "green")
+    _print_channels(console, "still dead after the rewrite with these options", result.still_dead or {}, "red")
     v = result.verification
     console.print(f"verified: the written file reloads with {v['identical']} tensors bit-identical to the input and "
                   f"{v['rewritten']} exactly as intended; forward pass: {v['forward']}", highlight=False)
@@ -41,7 +47,23 @@ def render_reinit(result: ReinitResult, console: Console, quiet: bool = False, v
         console.print(f"outputs moved: max |change| {change['max_abs']:.3g} of the logits (largest |logit| "
                       f"{change['max_abs_before']:.3g}) on {change['samples']} {change['batch']} sample(s)",
                       highlight=False)
+    note = skipped_note(result.data)
+    if note:
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
     console.print(f"[bold]{escape(result.summary_line())}[/]", highlight=False)
+
+
+def _print_channels(console: Console, title: str, channels: dict[str, list[int]], style: str) -> None:
+    """``title`` with the channel count, then one line per layer (at most MAX_ROWS) with its first channels."""
+    if not channels:
+        return
+    total = sum(len(c) for c in channels.values())
+    console.print(f"[{style}]{total} channel(s) {escape(title)}:[/]", highlight=False)
+    for name, idx in list(channels.items())[:MAX_ROWS]:
+        head = ", ".join(map(str, idx[:8])) + (", ..." if len(idx) > 8 else "")
+        console.print(f"  {escape(name)}: {len(idx)} [{head}]", highlight=False)
+    if len(channels) > MAX_ROWS:
+        console.print(f"  ... {len(channels) - MAX_ROWS} more layers (--json lists them all)", highlight=False)
 
 
 def _module_table(result: ReinitResult, width: int):

@@ -28,6 +28,12 @@ class AbriOptions:
     ``scope``: ``flagged`` channels (dead or abnormal), whole ``layers`` holding one, or ``all`` BN layers.
     ``stats``: fold mode, the running statistics: ``reset`` (0, 1), ``blend`` (towards 0, 1 like the
     affine parameters) or ``data`` (re-estimated on the data); None = data with data, else blend.
+    ``exact_blend``: fold mode, the paper's blend with ``alpha`` on every channel, even where it leaves a
+    channel dead (a strongly negative beta halved is still strongly negative). Default (False): such a
+    channel gets the largest alpha below ``alpha`` that brings its z to ``dead_z + revive_margin`` or more
+    (:func:`avdiag.rewrite.abri.reviving_alpha`), and is listed as revived beyond the blend.
+    ``revive_margin``: how far above the dead threshold a revived channel's z lands (2.0: z >= -1 with the
+    default dead_z -3, a channel that fires for about 16 % of its inputs).
     """
 
     mode: str = "fold"
@@ -35,6 +41,8 @@ class AbriOptions:
     per_channel: bool = False
     scope: str = "flagged"
     stats: str | None = None
+    exact_blend: bool = False
+    revive_margin: float = 2.0
 
 
 def validate(o: AbriOptions, has_data: bool) -> None:
@@ -44,6 +52,8 @@ def validate(o: AbriOptions, has_data: bool) -> None:
         one_of(o.stats, STATS, "--stats")
     if o.stats == "data" and not has_data:
         raise UsageError("--stats data needs --data")
+    if not o.revive_margin >= 0:
+        raise UsageError(f"--revive-margin must be a number >= 0, got {o.revive_margin}")
 
 
 def apply(target: RewriteInput, o: AbriOptions) -> Rewrite:
@@ -77,21 +87,74 @@ def _module(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOpt
 def _fold(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOptions) -> Rewrite:
     stats = o.stats or ("data" if target.data is not None else "blend")
     layers = {v.layer.name: v.layer for v in target.layers}
+    alphas = {name: _blend_alpha(target, layers[name], channels, o, stats, None) for name, channels in scope.items()}
     tensors: dict[str, torch.Tensor] = {}
     for name, channels in scope.items():
-        tensors.update(_folded_layer(target, layers[name], channels, o.alpha, stats))
+        tensors.update(_folded_layer(target, layers[name], channels, alphas[name], stats))
     if stats == "data":
-        estimated = recalibrated_stats(target, set(scope), tensors, "--stats data")
-        for name, (mean, var) in estimated.items():
-            params = layers[name].params
-            for role, estimate in (("running_mean", mean), ("running_var", var)):
-                tensors[params[role]] = _on_channels(target.tensor(params[role]), estimate, scope[name])
-    return Rewrite(tensors, {"method": "abri", "mode": "fold", "alpha": o.alpha, "scope": o.scope,
-                             "modality": target.modality, "running_stats": stats, "layers": sorted(scope),
-                             "channels": {n: c for n, c in scope.items() if c is not None}})
+        _recalibrate_into(target, scope, layers, tensors)
+        if not o.exact_blend and _revive_on_data(target, scope, layers, alphas, tensors, o):
+            _recalibrate_into(target, scope, layers, tensors)  # downstream layers see the revived channels
+    parameters = {"method": "abri", "mode": "fold", "alpha": o.alpha, "scope": o.scope,
+                  "modality": target.modality, "running_stats": stats, "exact_blend": o.exact_blend,
+                  "layers": sorted(scope), "channels": {n: c for n, c in scope.items() if c is not None}}
+    return Rewrite(tensors, parameters, scope=dict(scope), revived=_revived(alphas, o.alpha))
 
 
-def _folded_layer(target: RewriteInput, layer: BNLayer, channels: list[int] | None, alpha: float,
+def _blend_alpha(target: RewriteInput, layer: BNLayer, channels: list[int] | None, o: AbriOptions, stats: str,
+                 var: torch.Tensor | None) -> torch.Tensor | float:
+    """The fold's alpha for ``layer``: ``o.alpha``, or per channel the reviving alpha where the blend would
+    leave a channel dead (only for layers whose channels can die; not under ``exact_blend``)."""
+    if o.exact_blend or not layer.can_die or (stats == "data" and var is None):
+        return o.alpha
+    if "weight" not in layer.params or "bias" not in layer.params:
+        return o.alpha  # _folded_layer refuses it with a one-line error
+    gamma, beta = target.affine(layer)
+    t = target.thresholds
+    return abri.reviving_alpha(gamma, beta, var if var is not None else target.tensor(layer.params["running_var"]),
+                               layer.eps, o.alpha, "given" if var is not None else stats, channels,
+                               dead_z=t.dead_z, revive_z=t.dead_z + o.revive_margin, constant_scale=t.constant_scale)
+
+
+def _recalibrate_into(target: RewriteInput, scope: dict[str, list[int] | None], layers: dict[str, BNLayer],
+                      tensors: dict[str, torch.Tensor]) -> None:
+    estimated = recalibrated_stats(target, set(scope), tensors, "--stats data")
+    for name, (mean, var) in estimated.items():
+        params = layers[name].params
+        for role, estimate in (("running_mean", mean), ("running_var", var)):
+            tensors[params[role]] = _on_channels(target.tensor(params[role]), estimate, scope[name])
+
+
+def _revive_on_data(target: RewriteInput, scope: dict[str, list[int] | None], layers: dict[str, BNLayer],
+                    alphas: dict[str, torch.Tensor | float], tensors: dict[str, torch.Tensor],
+                    o: AbriOptions) -> bool:
+    """With statistics re-estimated on data, fold again with a reviving alpha where the blend leaves a
+    channel dead under those statistics; True when some alpha changed."""
+    changed = False
+    for name, channels in scope.items():
+        layer = layers[name]
+        var = tensors[layer.params["running_var"]] if layer.params.get("running_var") in tensors else None
+        alpha = _blend_alpha(target, layer, channels, o, "data", var)
+        if isinstance(alpha, torch.Tensor) and bool((alpha != o.alpha).any()):
+            alphas[name] = alpha
+            tensors.update(_folded_layer(target, layer, channels, alpha, "data"))
+            changed = True
+    return changed
+
+
+def _revived(alphas: dict[str, torch.Tensor | float], alpha: float) -> dict[str, dict[str, list]]:
+    """Layer -> the channels folded with a smaller alpha than the blend's, and those alphas."""
+    out = {}
+    for name, a in alphas.items():
+        if not isinstance(a, torch.Tensor):
+            continue
+        idx = torch.nonzero(a != alpha).flatten().tolist()
+        if idx:
+            out[name] = {"channels": idx, "alpha": [round(float(a[i]), 6) for i in idx]}
+    return out
+
+
+def _folded_layer(target: RewriteInput, layer: BNLayer, channels: list[int] | None, alpha: float | torch.Tensor,
                   stats: str) -> dict[str, torch.Tensor]:
     """The new affine parameters of one layer (and its running statistics unless they come from data)."""
     if "weight" not in layer.params or "bias" not in layer.params:

@@ -20,6 +20,7 @@ from avdiag.load import Checkpoint
 from avdiag.locate import BNLayer, Located
 from avdiag.locate.resolve import ResolvedModel
 from avdiag.measure.static import LayerVerdicts
+from avdiag.measure.thresholds import Thresholds
 
 
 @dataclass
@@ -42,13 +43,15 @@ class DataAccess:
 @dataclass
 class RewriteInput:
     """What a method rewrites: the checkpoint, its located layers, the static scan before the rewrite,
-    the modality the user restricted the rewrite to (None: every modality) and the data, if any."""
+    the modality the user restricted the rewrite to (None: every modality), the data, if any, and the
+    thresholds the scans before and after the rewrite count dead channels with."""
 
     ckpt: Checkpoint
     located: Located
     layers: list[LayerVerdicts]
     modality: str | None = None
     data: DataAccess | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
     def in_scope(self, modality: str) -> bool:
         return self.modality is None or modality == self.modality
@@ -70,11 +73,19 @@ class RewriteInput:
 @dataclass
 class Rewrite:
     """What ``apply`` returns: the new tensors (clean name -> tensor, changed or added), the parameters
-    recorded in the written file's provenance, and the diagnosis the method made, if any."""
+    recorded in the written file's provenance, and the diagnosis the method made, if any.
+
+    ``scope``: BN layer -> the channels the rewrite means to leave alive (None: the whole layer), for a
+    method that promises it; the workflow reports those the scan of the written file still finds dead
+    (``still_dead``). ``revived``: BN layer -> {"channels": [...], "alpha": [...]}, the channels that
+    needed more than the method's own formula to come back (ABRi's reviving alpha).
+    """
 
     tensors: dict[str, torch.Tensor]
     parameters: dict[str, Any]
     diagnosis: dict[str, Any] = field(default_factory=dict)
+    scope: dict[str, list[int] | None] | None = None
+    revived: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
 def _no_extra_check(options: Any, has_data: bool) -> None:

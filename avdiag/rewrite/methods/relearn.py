@@ -48,9 +48,12 @@ def apply(target: RewriteInput, o: RelearnOptions) -> Rewrite:
                          f"(or --alpha-{missing[0]})")
     diagnosis = _diagnose(target.data, prefixes, missing, o) if missing else {}
     alphas.update({m: d["alpha"] for m, d in diagnosis.items()})
-    tensors = _soft_reinit(target, prefixes, alphas, _initial_weights(target, o))
+    moving = any(alphas.get(m, 0.0) != 0 for m in prefixes if target.in_scope(m))
+    initial = _initial_weights(target, o) if moving else {}
+    tensors, per_modality = _soft_reinit(target, prefixes, alphas, initial)
     parameters = {"method": "relearn", "lam": o.lam, "alphas": alphas, "seed": o.seed,
-                  "init": o.init_ckpt or f"generated (seed {o.seed})", "modality": target.modality}
+                  "init": o.init_ckpt or f"generated (seed {o.seed})", "modality": target.modality,
+                  "per_modality": per_modality}
     return Rewrite(tensors, parameters, diagnosis)
 
 
@@ -75,19 +78,30 @@ def _diagnose(data: DataAccess, prefixes: dict[str, str], modalities: list[str],
 
 
 def _soft_reinit(target: RewriteInput, prefixes: dict[str, str], alphas: dict[str, float],
-                 initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                 initial: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The re-initialised tensors that differ from the checkpoint's, and per modality in scope what
+    happened to it ("alpha 0: unchanged", "alpha 0.42: 20 tensors rewritten")."""
     names = target.ckpt.tensors.names()
     shapes = {n: target.ckpt.tensors.info(n).shape for n in names}
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
+    per_modality: dict[str, str] = {}
     for m, prefix in prefixes.items():
         if not target.in_scope(m):
             continue
+        if alphas[m] == 0:
+            per_modality[m] = "alpha 0: unchanged"
+            continue
+        changed = 0
         for n in relearn.relearn_targets(names, shapes, prefix):
             current = target.tensor(n)
             if n not in initial or initial[n].shape != current.shape:
                 raise UsageError(f"the initial weights lack {n} (or its shape differs)")
-            tensors[n] = relearn.soft_reinit(current, initial[n], alphas[m])
-    return tensors
+            mixed = relearn.soft_reinit(current, initial[n], alphas[m])
+            if not torch.equal(mixed, current):
+                tensors[n] = mixed
+                changed += 1
+        per_modality[m] = f"alpha {alphas[m]:.3g}: {changed} tensors rewritten"
+    return tensors, per_modality
 
 
 def _initial_weights(target: RewriteInput, o: RelearnOptions) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ def validate(o: ResetOptions, has_data: bool) -> None:
 def apply(target: RewriteInput, o: ResetOptions) -> Rewrite:
     tensors: dict[str, torch.Tensor] = {}
     touched = []
+    scope: dict[str, list[int] | None] = {}
     for v in target.scoped_layers():
         layer = v.layer
         if "weight" not in layer.params:
@@ -42,8 +43,9 @@ def apply(target: RewriteInput, o: ResetOptions) -> Rewrite:
                 t[rows] = value
                 tensors[layer.params[role]] = t
         touched.append(layer.name)
+        scope[layer.name] = None if isinstance(rows, slice) else rows.tolist()
     return Rewrite(tensors, {"method": "reset", "variant": o.variant, "tiny_gamma": o.tiny_gamma,
-                             "modality": target.modality, "layers": touched})
+                             "modality": target.modality, "layers": touched}, scope=scope)
 
 
 def _rows(gamma: torch.Tensor, o: ResetOptions) -> slice | torch.Tensor | None:

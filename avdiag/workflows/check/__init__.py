@@ -79,9 +79,17 @@ it is not suppressed.
 | `constant-channels`, `low-gain-channels`, `possibly-dead-channels`, `prediction-mismatch` | off | the informational findings of `inspect` (any occurrence) | - |
 | `measured-dead-channels`, `layer-not-probed` | warning | findings of a probe on data (only when the checkpoint was run on data) | - |
 | `measured-nonfinite-outputs` | error | BN channels whose outputs were NaN or infinite on the data; their other measured verdicts are withheld | - |
+| `dormant-units` | warning | with `--data`: the share of a modality's dormant units (ReDo score <= tau on activation, MLP, conv and attention outputs, measured by the probe) is above its threshold | `max_ratio` [0.05] per modality; `modalities` {name = ratio} |
 | `modality-contribution` | warning | with `--data`: a modality contributes too little to the prediction (one violation per modality, every threshold it breaks in the message) | `min_share` [0.2]: the modality's contribution share (below); `modalities` {name = share} overrides it; `value` ["accuracy"] or "probability"; `min_unimodal_accuracy` [unset]: a ratio, or {name = ratio}; `max_rho` [unset]: fail the weaker modality when the other's OGM-GE score is more than this many times its own |
 | `modality-conflict` | warning | with `--data`: the multimodal and uni-modal gradients of a modality's encoder conflict (MMPareto cosine, per batch) | `min_cos_mean` [0.0]: the mean cosine over batches below it; `max_conflict_rate` [0.5]: the share of batches with cosine <= 0 above it; `min_head_cos` [unset]: the cosine of the two uni-modal losses' gradients on the shared head below it (location `head`) |
 | `modality-contribution-drop` | error | with `--baseline` and `--data`: a modality's contribution share fell versus OLD on the same data | `max_drop` [0.05]; `modalities` {name = drop}; `value` as above; `max_accuracy_drop` [unset]: also fail when its uni-modal accuracy fell by more |
+| `run-imbalance` | warning | a training run log (`RUN.jsonl` of `avdiag.monitor`): one modality's epoch-mean OGM-GE rho (its score over the other's) stayed above `max_rho` in each of the last `epochs` epochs | `max_rho` [3.0]; `epochs` [3] |
+| `run-conflict` | warning | a run log: a modality's MMPareto cosine was below `min_cos` in more than `max_share` of the last `steps` logged steps with a cosine | `min_cos` [0.0]; `max_share` [0.5]; `steps` [20] |
+| `run-dead-channels-growth` | error | a run log: a modality's dead BatchNorm channels at the last epoch exceed those at the start (or the first epoch) by more than `max_growth` | `max_growth` [0] |
+
+A path ending in `.jsonl` is a training run log written by `avdiag.monitor`: only the `run-*` rules
+apply to it (it is reported with `kind = "run-log"`; a file that is not a run log is `unreadable`),
+and the `run-*` rules never apply to checkpoints.
 
 Violations are located: `location` is a tensor name (`nonfinite-tensor`), a BN layer name, or
 `modality:NAME`; empty for file-level rules.

@@ -91,8 +91,8 @@ class CheckResult:
 
     @property
     def checkpoints(self) -> list[FileReport]:
-        """The entries that are checkpoints (not patterns that matched nothing)."""
-        return [f for f in self.files if f.kind == "file"]
+        """The entries that are checkpoints or training run logs (not patterns that matched nothing)."""
+        return [f for f in self.files if f.kind in ("file", "run-log")]
 
     def counts(self) -> dict[str, Any]:
         files = self.checkpoints

@@ -31,6 +31,8 @@ from avdiag.workflows.check.rules.files import (
     classify,
     one_line,
 )
+from avdiag.workflows.check.rules.training import RUN
+from avdiag.workflows.check.runlogs import check_run_log, split_run_logs
 from avdiag.workflows.datasource import DataSource
 from avdiag.workflows.subject import LoadOptions, Subject
 
@@ -48,7 +50,9 @@ def check(paths: list[str], policy: Policy | None = None, *, baseline: str | Non
     ``thresholds``, ``probe_thresholds``, ``hash_file``, ``bn_eps``, ``assume_activation``, ``modality``
     (``unsafe`` is refused). ``data``: run each checkpoint's model on it, for the probe findings and the
     data rules (contribution, conflict; ``ogm_alpha`` for OGM-GE); it is decoded once for every
-    checkpoint. Problems with single files never raise: they become violations. Raises
+    checkpoint. A path ending in ``.jsonl`` is a training run log of :mod:`avdiag.monitor`, checked
+    against the run rules (:mod:`avdiag.workflows.check.runlogs`). Problems with single files never
+    raise: they become violations. Raises
     :class:`UsageError` for bad arguments (no paths, a missing baseline...) and
     :class:`avdiag.errors.DataError` for data that cannot be opened.
     """
@@ -58,7 +62,8 @@ def check(paths: list[str], policy: Policy | None = None, *, baseline: str | Non
         raise UsageError("give at least one checkpoint, folder or glob to check")
     settings = _ScanSettings.of(policy, allow_globals, inspect_options or {})
     data = _decoded_once(data)
-    items = expand([str(p) for p in paths])
+    checkpoints, run_logs = split_run_logs([str(p) for p in paths])
+    items = expand(checkpoints)
     excluded = [display_path(it.path) for kind, it in items if kind == "file" and policy.is_excluded(it.path)]
     items = [(kind, it) for kind, it in items if not (kind == "file" and policy.is_excluded(it.path))]
     n_targets = sum(kind == "file" for kind, _ in items)
@@ -75,6 +80,7 @@ def check(paths: list[str], policy: Policy | None = None, *, baseline: str | Non
                 pattern, reason = item
                 unmatched.append(pattern)
                 reports.append(run.nothing_report(pattern, f"{pattern}: {reason}", "pattern"))
+    reports += [check_run_log(run, p) for p in run_logs]
     if not reports:
         reports.append(run.nothing_report(".", f"every path given is excluded by the policy ({len(excluded)} "
                                           "checkpoint(s)): nothing was analysed", "run"))
@@ -196,7 +202,7 @@ class _Run:
                  ogm_alpha: float):
         self.policy, self.settings, self.base, self.data, self.ogm_alpha = policy, settings, base, data, ogm_alpha
         can = {PROBE: data is not None, DATA: data is not None, BASELINE: base is not None,
-               BASELINE_DATA: base is not None and data is not None}
+               BASELINE_DATA: base is not None and data is not None, RUN: False}  # run logs: runlogs.py
         self.active: list[Rule] = []  # enabled rules whose needs the run can meet
         self.announced: list[dict[str, str]] = []  # rules the policy names but the run cannot check
         self.rule_ids: list[str] = []

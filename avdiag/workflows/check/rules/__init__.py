@@ -6,7 +6,9 @@ report pick it up from :data:`REGISTRY`. The order of the imports below is the o
 every report.
 """
 
-from avdiag.workflows.check.rules import files, static, baseline, probe, data  # noqa: F401  (registers)
+from avdiag.workflows.check.rules import (  # noqa: F401  (importing registers the rules)
+    files, static, baseline, probe, dormant, data, training,
+)
 from avdiag.workflows.check.rules.base import REGISTRY, CheckRule
 
 RULE_IDS: tuple[str, ...] = tuple(REGISTRY)  # the built-in rules, registered by the imports above
