@@ -251,14 +251,23 @@ def test_accumulator_takes_half_precision_outputs_without_a_cast_of_its_own(dtyp
     np.testing.assert_array_equal(got.max, peak)
 
 
-def test_running_moments_folds_when_enough_rows_are_pending(monkeypatch):
+def test_running_moments_fold_after_enough_rows_on_a_gpu_and_every_batch_on_the_cpu(monkeypatch):
+    """Off the CPU, row sums wait until FOLD_ELEMENTS are pending (fewer kernel launches); on the CPU they
+    merge after every batch (small tensors kept between large activations fragment the heap)."""
+    from avdiag.measure.moments import PendingRows
+
     monkeypatch.setattr(moments_mod, "FOLD_ELEMENTS", 10)
+    device_rows = PendingRows(("a",))
+    device_rows.add(4, a=torch.empty(2, 3, device="meta"))  # 6 row elements: kept
+    assert not device_rows.full
+    device_rows.add(4, a=torch.empty(2, 3, device="meta"))  # 12 >= 10: time to merge
+    assert device_rows.full and device_rows.take()[4]["a"].shape == (4, 3) and device_rows.elements == 0
     rm = RunningMoments()
     x = torch.randn(2, 3, 4)
-    rm.add(x)  # 6 row elements: kept
-    assert rm._pending.elements == 6
-    rm.add(x)  # 12 >= 10: merged
-    assert rm._pending.elements == 0 and rm.n == 16
+    rm.add(x)
+    assert rm._pending.elements == 0 and rm.n == 8  # merged at once on the CPU
+    rm.add(x)
+    assert rm.n == 16
     np.testing.assert_allclose(rm.mean.numpy(), torch.cat([x, x]).double().mean(dim=(0, 2)).numpy(), atol=1e-6)
 
 
@@ -475,3 +484,16 @@ def test_smoke_script_cpu_dry_run_writes_one_passing_summary(tmp_path):
     steps = {c["step"] for c in summary["comparisons"]}
     assert steps == {"inspect", "conflict", "reinit", "check", "torchrun"}
     assert all({"name", "value", "tolerance", "passed", "gating"} <= set(c) for c in summary["comparisons"])
+
+
+def test_row_sums_in_a_shared_scratch_buffer_equal_fresh_ones():
+    """The probe's CPU path reuses one buffer for every layer's shifted copy and fire mask: the sums are
+    those of fresh temporaries, whatever shapes come through (growing and shrinking)."""
+    from avdiag.measure.moments import Scratch, row_sums
+
+    scratch = Scratch()
+    for shape in [(2, 3, 50), (4, 8, 200), (1, 2, 7)]:
+        x = torch.randn(*shape) * 10 + 100
+        for got, want in zip(row_sums(x, scratch), row_sums(x)):
+            assert torch.equal(got, want)
+    assert scratch.buffers[(torch.float32, torch.device("cpu"))].numel() == 4 * 8 * 200

@@ -41,13 +41,39 @@ class Moments:
         return Moments(total, mean, m2)
 
 
-def row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_sums(x: torch.Tensor, scratch: "Scratch | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (b, c) row of a (B, C, P) floating activation: its first value (the shift, a copy) and
     the sum and Euclidean norm of the row minus its shift, in float32 (float64 for a float64 ``x``;
-    a float16/bfloat16 ``x`` is promoted by the subtraction, with no cast of its own)."""
-    shift = x[:, :, 0].to(torch.promote_types(x.dtype, torch.float32), copy=True)
-    d = x - shift.unsqueeze(2)
+    a float16/bfloat16 ``x`` is promoted by the subtraction, with no cast of its own). ``scratch``
+    holds the shifted copy (see :class:`Scratch`)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    shift = x[:, :, 0].to(dtype, copy=True)
+    if scratch is None:
+        d = x - shift.unsqueeze(2)
+    else:
+        d = torch.sub(x, shift.unsqueeze(2), out=scratch.get(x.shape, dtype, x.device))
     return shift, d.sum(dim=2), torch.linalg.vector_norm(d, dim=2)
+
+
+class Scratch:
+    """Reusable buffers for activation-sized temporaries, one per dtype and device, grown as needed.
+
+    On the CPU a fresh activation-sized temporary per layer and batch is memory the allocator hands
+    back to the OS and faults in again (the probe's shifted copy and fire mask were over half its
+    cost); the layers of a forward pass run one after another, so one buffer serves them all."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for size in shape:
+            n *= int(size)
+        buffer = self.buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < n:
+            buffer = torch.empty(n, dtype=dtype, device=device)
+            self.buffers[(dtype, device)] = buffer
+        return buffer[:n].view(shape)
 
 
 def rows_to_moments(shift: torch.Tensor, total: torch.Tensor, norm: torch.Tensor, p: int) -> Moments:
@@ -67,6 +93,7 @@ class PendingRows:
         self.names = names
         self.groups: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.elements = 0
+        self.device_type: str | None = None
 
     def add(self, p: int, **rows: torch.Tensor) -> None:
         group = self.groups.setdefault(p, {name: [] for name in self.names})
@@ -74,10 +101,14 @@ class PendingRows:
             group[name].append(rows[name])
         first = rows[self.names[0]]
         self.elements += first.numel()
+        self.device_type = first.device.type
 
     @property
     def full(self) -> bool:
-        return self.elements >= FOLD_ELEMENTS
+        """Time to merge: enough rows pending, or any on the CPU, where there is no kernel launch to
+        save and small row tensors kept through the forward passes fragment the heap between the large
+        activations (the probe's resident memory then grew with the number of batches)."""
+        return self.elements >= FOLD_ELEMENTS or self.device_type == "cpu"
 
     def take(self) -> dict[int, dict[str, torch.Tensor]]:
         """Every pending group, each statistic's rows concatenated; nothing is left pending."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from avdiag.locate import BNLayer
 from avdiag.locate.resolve import ResolvedModel, out_of_memory_as_error
-from avdiag.measure.moments import PendingRows, RunningMoments, row_sums
+from avdiag.measure.moments import PendingRows, RunningMoments, Scratch, row_sums
 from avdiag.measure.precision import amp_active, amp_dtype_name, autocast, full_fp32
 from avdiag.measure.thresholds import ProbeThresholds  # noqa: F401  (re-exported: probe thresholds live here too)
 
@@ -75,8 +75,9 @@ class _Accumulator:
     sums of :func:`avdiag.measure.moments.row_sums`; all kept as (B, C) tensors and merged later.
     """
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, scratch: Scratch | None = None):
         self.threshold = threshold
+        self.scratch = scratch  # the CPU's shared temporaries (None: fresh ones, as on a GPU)
         self.moments = RunningMoments()
         self._rows = PendingRows(("fire", "peak", "nonfinite"))
         self.fire: torch.Tensor | None = None
@@ -92,9 +93,11 @@ class _Accumulator:
         p = x.shape[2]
         if x.shape[0] * p == 0:
             return
-        shift, total, norm = row_sums(x)
+        shift, total, norm = row_sums(x, self.scratch)
         # int32 counts over the last axis: int64 / (0, 2)-axis ones run slower on CPU.
-        fire = x.gt(self.threshold).sum(dim=2, dtype=torch.int32)
+        above = x.gt(self.threshold) if self.scratch is None else \
+            torch.gt(x, self.threshold, out=self.scratch.get(x.shape, torch.bool, x.device))
+        fire = above.sum(dim=2, dtype=torch.int32)
         self._rows.add(p, fire=fire, peak=x.amax(dim=2), nonfinite=_count_nonfinite(x, total))
         self.moments.add_rows(p, shift, total, norm)
         if self._rows.full:
@@ -158,7 +161,8 @@ def probe(resolved: ResolvedModel, layers: list[BNLayer], batches: Iterable[dict
     ``attach(model, name_prefix, stack)`` (e.g. :class:`avdiag.measure.dormant.DormantCollector`).
     """
     device = torch.device(device)
-    accumulators = {layer.name: _Accumulator(activation_threshold(layer)) for layer in layers}
+    scratch = Scratch() if device.type == "cpu" else None  # the CUDA caching allocator reuses blocks itself
+    accumulators = {layer.name: _Accumulator(activation_threshold(layer), scratch) for layer in layers}
     samples = n_batches = 0
     with ExitStack() as stack:
         stack.enter_context(out_of_memory_as_error())
