@@ -158,7 +158,8 @@ class InspectResult:
 
     def summary(self) -> dict[str, Any]:
         return {"n_bn_layers": len(self.layers), "n_bn_channels": self.n_channels, "n_dead": self.n_dead,
-                "n_undecided": self.n_undecided, "n_findings": len(self.findings), "nonfinite_tensors": dict(self.nonfinite_tensors),
+                "n_undecided": self.n_undecided, "n_findings": len(self.findings),
+                "nonfinite_tensors": dict(self.nonfinite_tensors),
                 "text": self.summary_line()}
 
     def to_dict(self, per_channel: bool = False) -> dict[str, Any]:
@@ -252,7 +253,8 @@ def inspect(checkpoint: str | Path | Subject, *, thresholds: Thresholds | None =
     return result
 
 
-def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True, model: str | None = None) -> InspectResult:
+def scan(subject: Subject, thresholds: Thresholds, hash_file: bool = True,
+         model: str | None = None) -> InspectResult:
     """The static part of an inspection, on an open Subject (``model``: see :func:`read_model_consumers`)."""
     read_model_consumers(subject, model)
     ckpt, located = subject.ckpt, subject.located
