@@ -174,6 +174,25 @@ def test_ogm_ge_modulation_scales_conv_gradients_only():
         torch.testing.assert_close(p.grad, before[name] * scale)
 
 
+def test_modulation_acts_only_in_its_epoch_window():
+    """OGM-GE's code modulates from `modulation_starts` up to `modulation_ends`; so does the monitor."""
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    batch = batches(8)[0]
+    seen = []
+    with Monitor(model, cosine_every=0, dead_channels=False, modulation="ogm-ge", ge=False,
+                 modulation_epochs=(1, 2)) as monitor:
+        for _ in range(3):
+            record, _ = train_step(model, optimizer, batch, monitor)
+            seen.append("interventions" in record)
+            monitor.end_epoch()
+    assert seen == [False, True, False]
+    assert monitor.header["config"]["modulation_epochs"] == [1, 2]
+    for bad in ((2, 1), (-1, None), "soon"):
+        with pytest.raises(UsageError, match="modulation_epochs"):
+            Monitor(tiny_model(), modulation="ogm-ge", modulation_epochs=bad)
+
+
 def test_mmpareto_combination_logs_the_cosine_and_keeps_buffers():
     model = tiny_model()
     batch = batches(8)[0]
@@ -297,6 +316,7 @@ def test_run_rules_on_both_sides_of_their_thresholds(tmp_path):
     result = check([str(log)], Policy.from_mapping({"rules": {**RUN_RULES_OFF,
                                                                 "run-dead-channels-growth": {"max_growth": 3}}}))
     assert result.exit_code == 1 and result.files[0].kind == "run-log"
+    assert result.summary_line().startswith("check FAIL (policy violations): 1 run log(s): 0 passed, 1 failed")
 
 
 def test_run_rules_skip_and_refuse_cleanly(tmp_path):

@@ -61,7 +61,8 @@ class Monitor:
     gradients by its coefficient, with generalisation-enhancement noise unless ``ge=False``;
     ``"mmpareto"`` replaces the encoders' gradients by MMPareto's combination (the loop's loss must
     then be the fused cross-entropy; the cosine is logged every step). See
-    :mod:`avdiag.monitor.interventions`.
+    :mod:`avdiag.monitor.interventions`. ``modulation_epochs=(start, end)``: the epochs it acts in,
+    from ``start`` up to, not including, ``end`` (None: to the end; OGM-GE's code modulates epochs 0-50).
 
     ``log``: the JSON Lines run log (:mod:`avdiag.measure.runlog`), one flushed line per logged step
     (every ``every`` steps, and every step with a cosine) and per epoch; None keeps records in
@@ -80,8 +81,10 @@ class Monitor:
                  heldout: Iterable[dict] | None = None, learning_state: Iterable[dict] | None = None,
                  ogm_alpha: float = OGM_ALPHA, modulation: str | None = None, ge: bool = True,
                  mmpareto_gamma: float = MMPARETO_GAMMA, thresholds: Thresholds | None = None,
-                 tensorboard: str | Path | None = None, seed: int = 0, keep_records: bool | None = None):
+                 tensorboard: str | Path | None = None, seed: int = 0, keep_records: bool | None = None,
+                 modulation_epochs: tuple[int, int | None] = (0, None)):
         _check_options(every, cosine_every, modulation, learning_state, heldout)
+        self.modulation_epochs = _epoch_window(modulation_epochs)
         self.parts = parts if parts is not None else _parts_of(model)
         self.model = self.parts.model
         self.every, self.cosine_every, self.ogm_alpha = int(every), int(cosine_every), float(ogm_alpha)
@@ -100,6 +103,7 @@ class Monitor:
                   "heldout": heldout is not None, "learning_state": learning_state is not None,
                   "ogm_alpha": self.ogm_alpha, "modulation": modulation, "ge": ge if modulation == "ogm-ge" else None,
                   "mmpareto_gamma": mmpareto_gamma if modulation == "mmpareto" else None, "seed": seed,
+                  "modulation_epochs": list(self.modulation_epochs) if modulation else None,
                   "dead_z": (thresholds or Thresholds()).dead_z}
         self.header = {"config": config, "model": self._model_info(),
                        "initial": {"dead_channels": self.scan.counts()} if self.scan else {}}
@@ -159,7 +163,13 @@ class Monitor:
             self.tap.enabled = True
         return {m: {k: f[k] for k in ("cos", "magnitude_ratio", "conflict")} for m, f in figures.items()}
 
+    def _modulating(self) -> bool:
+        start, end = self.modulation_epochs
+        return start <= self.epoch and (end is None or self.epoch < end)
+
     def _intervene(self, batch: dict[str, Any], label: torch.Tensor, coefficients: dict[str, float]) -> dict:
+        if not self._modulating():
+            return {}
         if self._ogm_ge is not None:
             return {"interventions": [self._ogm_ge.apply(coefficients)]}
         if self._mmpareto is not None:
@@ -231,6 +241,19 @@ class Monitor:
                 "feature_order": list(self.parts.feature_order),
                 "encoder_parameters": {m: sum(p.numel() for p in enc.parameters())
                                        for m, enc in self.parts.encoders.items()}}
+
+
+def _epoch_window(window: Any) -> tuple[int, int | None]:
+    """``(start, end)``: modulate from epoch ``start`` up to, not including, ``end`` (None: to the end),
+    as OGM-GE's ``modulation_starts`` / ``modulation_ends``."""
+    try:
+        start, end = window
+        start, end = int(start), None if end is None else int(end)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"monitor: modulation_epochs must be (start, end) epochs, got {window!r}") from e
+    if start < 0 or (end is not None and end <= start):
+        raise UsageError(f"monitor: modulation_epochs must have 0 <= start < end, got {window!r}")
+    return start, end
 
 
 def _check_options(every: int, cosine_every: int, modulation: str | None, learning_state: Any, heldout: Any) -> None:

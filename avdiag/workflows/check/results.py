@@ -107,6 +107,12 @@ class CheckResult:
                 "n_unmatched": len(self.unmatched), "n_excluded": len(self.excluded),
                 "n_not_evaluated": sum(len(f.not_evaluated) for f in self.files)}
 
+    def _analysed_noun(self) -> str:
+        """"3 checkpoint(s)", "1 run log(s)", or both joined by "and"."""
+        logs = sum(f.kind == "run-log" for f in self.checkpoints)
+        files = len(self.checkpoints) - logs
+        return " and ".join([f"{files} checkpoint(s)"] * bool(files) + [f"{logs} run log(s)"] * bool(logs))
+
     def summary_line(self) -> str:
         c = self.counts()
         verdict = {0: "pass", 1: "FAIL (policy violations)", 2: "ERROR"}[self.exit_code]
@@ -114,8 +120,7 @@ class CheckResult:
             found = (f"{c['n_unmatched']} path(s) matched no checkpoint" if c["n_unmatched"]
                      else "every checkpoint was excluded by the policy")
             return f"check {verdict}: nothing was analysed; {found} (exit {self.exit_code})"
-        parts = [f"{c['n_checkpoints']} checkpoint(s): {c['n_pass']} passed, {c['n_fail']} failed, "
-                 f"{c['n_error']} error(s)"]
+        parts = [f"{self._analysed_noun()}: {c['n_pass']} passed, {c['n_fail']} failed, {c['n_error']} error(s)"]
         sev = ", ".join(f"{n} {s}" for s, n in c["by_severity"].items() if n)
         parts.append(f"{c['n_violations']} violation(s)" + (f" ({sev})" if sev else ""))
         if c["n_suppressed"]:
