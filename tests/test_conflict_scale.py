@@ -2,8 +2,9 @@
 passes, chunking under a memory budget, the timed choice and its report, the approximate (sketch)
 mode and its stated error, streaming, progress, and torchrun with idle processes.
 
-The reference below shares no code with the engine: per sample, one forward through the model's
-parts, ``torch.autograd.grad`` of each loss over the encoder's parameters, flattened cosines.
+The reference (tests/helpers/conflict_reference.py) shares no code with the engine: per sample, one
+forward through the model's parts, ``torch.autograd.grad`` of each loss over the encoder's
+parameters, flattened cosines.
 """
 
 from __future__ import annotations
@@ -32,53 +33,11 @@ from avdiag.models import ConcatFusion, OGMGEClassifier
 from avdiag.models.parts import AVParts, av_parts
 from avdiag.workflows.conflict import conflict
 from avdiag.workflows.datasource import DataSource
+from helpers.conflict_reference import ref_batch_cos, ref_cosines
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 SPEC = "synthetic:n=10,classes=5,audio=0.9,visual=0.3,seed=1,f=16,t=12,size=16,frames=2"
-
-
-# ---- the independent reference ----------------------------------------------------------------
-
-
-def ref_cosines(parts: AVParts, batch: dict) -> list[tuple[float, float]]:
-    """(cos_audio, cos_visual) per sample from batch-size-1 backward passes, eval mode."""
-    parts.model.eval()
-    rows = []
-    for i in range(len(batch["label"])):
-        sample = {m: batch[m][i:i + 1] for m in ("audio", "visual")}
-        y = batch["label"][i:i + 1]
-        feats = parts.features(sample)
-        fused = parts.fuse(feats["audio"], feats["visual"])
-        uni = parts.unimodal(feats["audio"], feats["visual"])
-        row = []
-        for m in ("audio", "visual"):
-            params = list(parts.encoders[m].parameters())
-            g1 = torch.autograd.grad(F.cross_entropy(fused, y), params, retain_graph=True)
-            g2 = torch.autograd.grad(F.cross_entropy(uni[m], y), params, retain_graph=True)
-            v1 = torch.cat([g.reshape(-1) for g in g1]).double()
-            v2 = torch.cat([g.reshape(-1) for g in g2]).double()
-            row.append(float(v1 @ v2 / (v1.norm() * v2.norm())))
-        rows.append(tuple(row))
-    return rows
-
-
-def ref_batch_cos(parts: AVParts, batch: dict) -> dict[str, float]:
-    """Per-batch cosines of the batch-mean losses' encoder gradients, eval mode."""
-    parts.model.eval()
-    feats = parts.features(batch)
-    y = batch["label"]
-    fused = parts.fuse(feats["audio"], feats["visual"])
-    uni = parts.unimodal(feats["audio"], feats["visual"])
-    out = {}
-    for m in ("audio", "visual"):
-        params = list(parts.encoders[m].parameters())
-        g1 = torch.autograd.grad(F.cross_entropy(fused, y), params, retain_graph=True)
-        g2 = torch.autograd.grad(F.cross_entropy(uni[m], y), params, retain_graph=True)
-        v1 = torch.cat([g.reshape(-1) for g in g1]).double()
-        v2 = torch.cat([g.reshape(-1) for g in g2]).double()
-        out[m] = float(v1 @ v2 / (v1.norm() * v2.norm()))
-    return out
 
 
 # ---- models: the built-in one, and one with modules only the generic methods handle ----------------
@@ -174,6 +133,22 @@ def test_every_layer_method_equals_the_loop(method, batches, odd):
         assert set(used) == set(applies)
         if method in ("vmap", "loop") or parts is odd and method in ("gram", "outer", "elementwise", "im2col"):
             assert method in used.values(), (method, used)
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_every_layer_method_equals_the_loop_in_float64(method, batches):
+    """In float64 (``--float64``) rounding no longer hides a wrong term: forcing each method, the
+    per-sample cosines are within 1e-11 of the float64 loop and the per-batch ones of the float64
+    batch gradients (float32 allows 1e-6)."""
+    batches64 = [{k: v.double() if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    torch.manual_seed(3)
+    for parts in (built_in_parts(), odd_parts(OddAV())):
+        parts.model.double()
+        result = measure_conflict(parts, batches64, "cpu", layer_method=method, memory_bytes=256 * 1024)
+        assert_matches_loop(result, parts, batches64, tol=1e-11)
+        for rec, batch in zip(result.batches, batches64):
+            want = ref_batch_cos(parts, batch)
+            assert all(abs(rec.modalities[m].cos - want[m]) <= 1e-11 for m in ("audio", "visual"))
 
 
 def test_generic_modules_get_a_generic_method_the_rest_a_specialised_one(batches, odd):

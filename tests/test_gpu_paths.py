@@ -462,6 +462,54 @@ def test_smoke_comparisons_fail_on_a_difference():
     assert smoke.max_abs_diff([None], [0.0]) == math.inf
 
 
+def _named(smoke_run, prefix: str):
+    found = [c for c in smoke_run.comparisons if c.name.startswith(prefix)]
+    assert len(found) == 1, [c.name for c in smoke_run.comparisons]
+    return found[0]
+
+
+@pytest.mark.parametrize("gpu_error, passes", [(5e-5, True), (2e-4, False)])
+def test_smoke_allows_the_gpu_ten_times_the_cpus_float32_rounding_and_no_more(gpu_error, passes):
+    """Each device's float32 run against its own float64 run: the CPU's is 1e-5 here, so the GPU's may
+    be 1e-4; float64 on both devices must agree."""
+    smoke = _smoke_module()
+    s = smoke.Smoke(smoke.make_config(smoke.parse_args(["--cpu-dry-run"]), Path(".")))
+    exact = [0.5, -0.2, 0.3]
+
+    def run(shift: float, *, first_only: bool = False):
+        return {(i, "audio"): c + (shift if i == 0 or not first_only else 0.0) for i, c in enumerate(exact)}
+
+    cos = {"cpu-float64": run(0), "cuda-float64": run(0), "cpu": run(1e-5), "cuda": run(gpu_error, first_only=True),
+           "cuda-tf32": run(3e-3)}
+    smoke._conflict_kind(s, "per-sample", cos)
+    gate = _named(s, "float32 rounding on cuda: per-sample")
+    assert gate.gating and gate.passed is passes and gate.tolerance == pytest.approx(1e-4)
+    assert _named(s, "float64 cpu vs cuda: per-sample cos max").passed
+    assert not _named(s, "cuda --tf32: per-sample").gating
+
+    s = smoke.Smoke(s.config)
+    smoke._conflict_kind(s, "per-sample", {**cos, "cuda-float64": run(1e-6)})
+    assert not _named(s, "float64 cpu vs cuda: per-sample cos max").passed
+
+
+def test_smoke_sets_verdicts_within_rounding_of_a_threshold_aside():
+    smoke = _smoke_module()
+    thresholds = {"dead_rate": 0.001, "constant_std": 0.001}
+
+    def layer(rate: float, dead: list[int], positions: int = 1000) -> dict:
+        return {"l": {"fire_rate": [rate, 0.5], "output_std": [1.0, 1.0], "output_max": [2.0, 2.0],
+                      "positions_seen": positions, "measured_dead_channels": dead}}
+
+    bands = smoke.Bands(std=1e-6, positions=2)
+    # 1 of 1000 positions fires: a flip of one position decides the verdict
+    assert smoke.verdict_diff(layer(0.001, [0]), layer(0.002, []), "measured_dead_channels", thresholds, bands)[::2] \
+        == (0, 1)
+    # never fires in 100,000 positions of the reference: a run calling it alive is wrong
+    assert smoke.verdict_diff(layer(0.0, [0], 100_000), layer(0.01, [], 100_000), "measured_dead_channels",
+                              thresholds, bands)[::2] == (1, 0)
+    assert smoke.flipped_positions(layer(0.001, []), layer(0.004, [])) == (3.0, "l")
+
+
 def test_smoke_script_runs_everything_on_the_gpu_unless_dry():
     smoke = _smoke_module()
     gpu = smoke.make_config(smoke.parse_args([]), Path("."))

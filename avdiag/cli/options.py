@@ -1,6 +1,6 @@
 """Every option shared by several commands, declared once.
 
-Commands list the output and load options by these aliases; the data options (22 of them) are added
+Commands list the output and load options by these aliases; the data options (23 of them) are added
 to a command by :func:`takes_data`, which also turns them into one :class:`DataSource`. This module
 imports only typer and torch-free parts of avdiag, so ``avdiag --help`` never imports torch.
 """
@@ -61,6 +61,9 @@ DATA_PARAMETERS: dict[str, tuple[Any, Any]] = {
                                          "std-based verdicts become approximate.")], False),
     "tf32": (Annotated[bool, _data_option("--tf32", help="Allow TF32 matmuls and convolutions on GPU: faster, but "
                                           "per-sample cosines move by ~1e-4..1e-3 [default: full float32].")], False),
+    "float64": (Annotated[bool, _data_option("--float64", help="Run the model and the measurements in float64: the "
+                                             "reference that tells float32 rounding from a real effect (slower).")],
+                False),
     "image_size": (Annotated[Optional[int], _data_option("--image-size", help="Resize images (folders).")], None),
     "mean": (Annotated[Optional[str], _data_option("--mean", metavar="R,G,B", help="Image normalisation mean.")],
              None),
@@ -109,7 +112,7 @@ def takes_data(command: Callable[..., Any] | None = None, *, model_without_data:
 
 
 def data_source(data: str | None, model: str | None, visual_layout: str | None, device: str, split: str,
-                batch_size: int, limit: int | None, num_workers: int, seed: int, amp: bool, tf32: bool,
+                batch_size: int, limit: int | None, num_workers: int, seed: int, amp: bool, tf32: bool, float64: bool,
                 image_size: int | None,
                 mean: str | None, std: str | None, sample_rate: int | None, class_order: str | None,
                 frames: int | None, seconds: float | None, n_fft: int | None, hop: int | None, resample: bool,
@@ -132,7 +135,7 @@ def data_source(data: str | None, model: str | None, visual_layout: str | None, 
                           n_fft=n_fft, hop=hop, resample=resample, audio_start=audio_start)
     return DataSource(data, split=split, options=options, model=model, visual_layout=visual_layout, device=device,
                       batch_size=batch_size, limit=limit, num_workers=num_workers, seed=seed, amp=amp, tf32=tf32,
-                      strict_data=strict_data)
+                      float64=float64, strict_data=strict_data)
 
 
 def floats(text: str | None, option: str) -> tuple[float, ...] | None:

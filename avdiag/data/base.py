@@ -20,7 +20,7 @@ skip is never silent: ``dataset.report()`` lists it with its list row, clip and 
 from __future__ import annotations
 
 import contextlib
-
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -222,9 +222,10 @@ class Batch(dict):
     skipped: list[dict[str, Any]] = []
 
 
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate(items: Sequence[dict[str, Any]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Stack item dicts into a batch dict; every item must have the same modalities and shapes.
-    Skipped items are left out and recorded in the batch's ``skipped`` (the batch may be empty)."""
+    Skipped items are left out and recorded in the batch's ``skipped`` (the batch may be empty).
+    Modality tensors come as ``dtype`` (float32; float64 for a float64 measurement)."""
     failed = [it for it in items if isinstance(it, _FailedItem)]
     if failed:
         return _FailedBatch(failed[0].message)  # type: ignore[return-value]
@@ -250,7 +251,7 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
             detail = ", ".join(f"item {it.get('index')}: {tuple(it[m].shape)}" for it in items[:8])
             raise DataError(f"{m} tensors differ in shape within a batch ({detail}); "
                             "fix the data or pass options that make them equal")
-        batch[m] = torch.stack([torch.as_tensor(it[m], dtype=torch.float32) for it in items])
+        batch[m] = torch.stack([torch.as_tensor(it[m], dtype=torch.float32) for it in items]).to(dtype)
     batch["label"] = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
     batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
     return batch
@@ -359,9 +360,10 @@ def pins_memory(device: str | torch.device | None) -> bool:
 
 
 def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
-                limit: int | None = None, seed: int = 0, device: str | torch.device | None = None) -> DataLoader:
+                limit: int | None = None, seed: int = 0, device: str | torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> DataLoader:
     """A deterministic DataLoader over ``dataset`` (see the module docstring). ``device``: where the
-    batches go; for a CUDA device they come in pinned memory."""
+    batches go; for a CUDA device they come in pinned memory. ``dtype``: of the modality tensors."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
@@ -373,7 +375,8 @@ def make_loader(dataset: Dataset, batch_size: int = 32, num_workers: int = 0,
     source: Dataset = _Guarded(dataset)
     subset = torch.utils.data.Subset(source, indices)
     return AVDataLoader(subset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
-                        collate_fn=collate, drop_last=False, pin_memory=pins_memory(device))
+                        collate_fn=collate if dtype == torch.float32 else functools.partial(collate, dtype=dtype),
+                        drop_last=False, pin_memory=pins_memory(device))
 
 
 _ALIASES = {"audio": ("audio",), "visual": ("visual", "video", "image"), "label": ("label", "target")}

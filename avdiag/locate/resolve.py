@@ -81,6 +81,14 @@ class ResolvedModel:
             self.module = self.module.to(device)
         return self.module
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Run in ``dtype`` (float64 measurements): parameters and floating buffers converted. An exported
+        program's graph fixes the dtypes of what it creates, so it is refused in one line."""
+        if self.program is not None:
+            raise ModelError(f"--float64 needs a model built from Python (the built-in registry or --model): the "
+                             f"exported program's graph ({self.source}) fixes its dtypes")
+        self.module = self.module.to(dtype)
+
     def _forward(self, args: list[torch.Tensor]) -> Any:
         if self.static_batch is None or args[0].shape[0] == self.static_batch:
             return self.module(*args)

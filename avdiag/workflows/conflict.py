@@ -176,8 +176,7 @@ def conflict(checkpoint: str | Path | Subject, data: DataSource, *, ogm_alpha: f
         options={"ogm_alpha": ogm_alpha, "per_sample": per_sample, "batch_size": data.batch_size,
                  "limit": data.limit, "seed": data.seed, "split": data.split, "heldout_split": heldout_split,
                  "train_mode": train_mode, "max_memory": meter.engine.memory_bytes, "sketch": sketch,
-                 "amp": data.amp,
-                 "tf32": data.tf32})
+                 "amp": data.amp, "tf32": data.tf32, "float64": data.float64})
 
 
 def _label(what: str, rank: int, world: int) -> str:

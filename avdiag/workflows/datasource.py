@@ -24,7 +24,9 @@ class DataSource:
     checkpoint); ``visual_layout``: how that factory wants clips, BCTHW or BTCHW. ``device``: auto,
     cpu or cuda[:N]. ``limit``: at most this many samples, a seeded random subset. ``options``:
     preprocessing (:class:`avdiag.data.DataOptions`). ``amp``: autocast on GPU (bfloat16 where supported).
-    ``tf32``: allow TF32 on GPU (faster; default full float32). ``cache``: keep decoded batches for reuse
+    ``tf32``: allow TF32 on GPU (faster; default full float32). ``float64``: run the model and the
+    measurements in float64, the reference that tells a float32 rounding effect (a fire rate or a
+    cosine that moves between devices) from a real one; slower, and much slower on most GPUs. ``cache``: keep decoded batches for reuse
     (they are then not pinned: a cached dataset must not lock host memory). ``strict_data``: a row the
     reader would skip (missing or damaged files, too few frames) is an error instead.
 
@@ -44,6 +46,7 @@ class DataSource:
     seed: int = 0
     amp: bool = False
     tf32: bool = False
+    float64: bool = False
     cache: bool = False
     strict_data: bool = False
     _datasets: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -57,6 +60,8 @@ class DataSource:
             raise UsageError("--visual-layout is for a --model factory (built-in models take (B,3,T,H,W))")
         if isinstance(self.spec, str) and not self.spec.strip():
             raise UsageError("--data: empty dataset spec")
+        if self.float64 and (self.amp or self.tf32):
+            raise UsageError(f"--float64 and {'--amp' if self.amp else '--tf32'} contradict each other: choose one")
         self._device = pick_device(self.device)  # a bad --device is refused before any data is read
 
     @property
@@ -142,7 +147,8 @@ class DataSource:
         from avdiag.data import make_loader
 
         loader = make_loader(self.dataset(split), batch_size=self.batch_size, num_workers=self.num_workers,
-                             limit=self.limit, seed=self.seed, device=None if self.cache else self._device)
+                             limit=self.limit, seed=self.seed, device=None if self.cache else self._device,
+                             dtype=self.dtype)
         if not self.cache:
             return loader
         self._batches[split] = list(loader)
@@ -150,6 +156,18 @@ class DataSource:
 
     def torch_device(self):
         return self._device
+
+    @property
+    def dtype(self):
+        """The floating dtype the model and the batches run in: float32, or float64 with ``float64``."""
+        import torch
+
+        return torch.float64 if self.float64 else torch.float32
+
+    @property
+    def precision(self) -> str:
+        """How the model runs, as reports name it: float32, float64, amp or tf32."""
+        return "float64" if self.float64 else "amp" if self.amp else "tf32" if self.tf32 else "float32"
 
 
 def _summed(counts: list[dict[str, int]]) -> dict[str, int]:

@@ -89,7 +89,7 @@ class ProbeSummary:
     thresholds: ProbeThresholds
     agreement: Agreement
     missing_layers: list[str]
-    precision: dict[str, Any] = field(default_factory=dict)  # amp, amp_dtype, tf32 of the run
+    precision: dict[str, Any] = field(default_factory=dict)  # amp, amp_dtype, tf32, float64 of the run
     approximate_verdicts: list[str] = field(default_factory=list)  # std-based verdicts under autocast
     fed: str = ""  # which modalities of the data the model was given, e.g. "visual ...; audio unused"
 
@@ -314,7 +314,8 @@ def _run_probe(result: InspectResult, subject: Subject, data: DataSource, thresh
     measured = list(result.measured.values())
     result.data = data.report()
     result.probe = ProbeSummary(data.name, run.model_source, run.device, run.amp, run.samples, run.batches,
-                                thresholds, agreement(measured), run.missing_layers, run.precision_dict(),
+                                thresholds, agreement(measured), run.missing_layers,
+                                {**run.precision_dict(), "float64": data.float64},
                                 approximate_verdicts(run.amp, measured), resolved.fed(tuple(data.modalities)))
     _summarise_measured(result)
     result.findings.extend(_probe_findings(result))

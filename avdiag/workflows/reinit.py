@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from avdiag._version import __version__
-from avdiag.errors import ModelError, VerificationError
+from avdiag.errors import ModelError, UsageError, VerificationError
 from avdiag.load import Checkpoint
 from avdiag.measure.thresholds import Thresholds
 from avdiag.results import CheckpointRef, envelope, finite
@@ -187,6 +187,9 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
     options, VerificationError when the written file does
     not hold the intended rewrite (nothing is then written), other AvdiagError subclasses for bad input.
     """
+    if data is not None and data.float64:
+        raise UsageError("--float64 is for the measuring commands (inspect, conflict, check): a rewrite keeps the "
+                         "checkpoint's own dtypes")
     options = options or ReinitOptions()
     method, settings = options.resolved(has_data=data is not None)
     modality = options.modality

@@ -88,23 +88,25 @@ class Subject:
     def ref(self) -> CheckpointRef:
         return CheckpointRef(str(self.ckpt.path), self.ckpt.format, self._sha256)
 
-    def model(self, factory: str | None = None, visual_layout: str | None = None):
+    def model(self, factory: str | None = None, visual_layout: str | None = None, dtype=None):
         """The network behind the checkpoint (:class:`avdiag.locate.resolve.ResolvedModel`), built once per
-        ``factory`` (None = the built-in registry or the file's own graph)."""
-        key = (factory, visual_layout)
+        ``factory`` (None = the built-in registry or the file's own graph) and ``dtype`` (None: as loaded)."""
+        key = (factory, visual_layout, dtype)
         if key not in self._models:
             from avdiag.locate.resolve import resolve_model
 
             resolved = resolve_model(self.ckpt, self.located.layout, factory)
             if visual_layout:
                 resolved.visual_layout = visual_layout
+            if dtype is not None:
+                resolved.cast(dtype)
             self._models[key] = resolved
         return self._models[key]
 
     def model_for(self, data) -> Any:
         """The model to run on ``data`` (a DataSource): its ``--model`` and ``--visual-layout``. Refuses data
         with more classes than the model's head has (a one-line ModelError instead of an index error later)."""
-        resolved = self.model(data.model, data.visual_layout)
+        resolved = self.model(data.model, data.visual_layout, data.dtype if data.float64 else None)
         _check_classes(resolved, data)
         return resolved
 

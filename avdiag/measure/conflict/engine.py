@@ -30,7 +30,7 @@ from avdiag.measure.conflict.gradients import (
 from avdiag.measure.conflict.hooks import Capture, EngineUnsupported, module_products
 from avdiag.measure.conflict.layers import BatchGrads
 from avdiag.measure.conflict.per_sample import encoder_products
-from avdiag.measure.conflict.products import cosine, unit_rows
+from avdiag.measure.conflict.products import cosine, f32, unit_rows
 from avdiag.measure.conflict.results import EngineReport, SketchReport
 from avdiag.measure.conflict.select import Selector
 from avdiag.measure.conflict.sketch import CHECK_SAMPLES, Sketch
@@ -156,7 +156,7 @@ class Engine:
             caps = {m: Capture(e, stack) for m, e in hooked.items()}
             with autocast(self.device, self.amp):
                 feats = self.parts.features(chunk)
-        feats = {m: f.float() for m, f in feats.items()}
+        feats = {m: f32(f) for m, f in feats.items()}
         if self.masks is None:
             self.masks = shared_masks(self.parts, self.head_params, feats)
         head = head_pass(self.parts, feats, y, self.head_params, self.masks if with_batch else None)
@@ -226,7 +226,7 @@ class Engine:
         self.parts.model.train(True)
         with autocast(self.device, self.amp):
             feats = self.parts.features(inputs)
-        feats = {m: f.float() for m, f in feats.items()}
+        feats = {m: f32(f) for m, f in feats.items()}
         if self.masks is None:
             self.masks = shared_masks(self.parts, self.head_params, feats)
         head = head_pass(self.parts, feats, y, self.head_params, self.masks)

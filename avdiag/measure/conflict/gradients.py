@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avdiag.measure.conflict.products import F64, stats3
+from avdiag.measure.conflict.products import F64, f32, stats3
 from avdiag.models.parts import AVParts, FeatureFn
 
 MODALITIES = ("audio", "visual")
@@ -104,8 +104,8 @@ def head_pass(parts: AVParts, feats: dict[str, torch.Tensor], y: torch.Tensor,
     """Losses and their gradients at the pooled features (and, with ``masks``, the gradients of the
     two uni-modal losses on the shared head elements), on a graph of the head alone: the features
     are detached leaves."""
-    a = feats["audio"].detach().float().requires_grad_(True)
-    v = feats["visual"].detach().float().requires_grad_(True)
+    a = f32(feats["audio"].detach()).requires_grad_(True)
+    v = f32(feats["visual"].detach()).requires_grad_(True)
     fused = parts.fuse(a, v)
     uni = parts.unimodal(a, v)
     l_mm = F.cross_entropy(fused, y)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avdiag.measure.conflict.products import F64, chunk_size, gram3, pair_gram
+from avdiag.measure.conflict.products import F64, chunk_size, f32, gram3, pair_gram
 
 FLOATS = 4  # bytes per float32 element
 
@@ -143,11 +143,6 @@ class Method:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
-def f32(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision activations and gradients (``--amp``) are multiplied in float32."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 # ---- convolutions ---------------------------------------------------------------------------------
 
 
@@ -216,7 +211,7 @@ def weight_backward(mod: nn.Conv2d, grad_out: torch.Tensor, x: torch.Tensor, out
     w = mod.weight.detach()
     w = w if out_channels == w.shape[0] else w.new_empty((out_channels, *w.shape[1:]))
     return torch.ops.aten.convolution_backward(
-        grad_out, f32(x), w.float(), None, mod.stride, conv_padding(mod), mod.dilation, False, (0, 0), groups,
+        grad_out, f32(x), f32(w), None, mod.stride, conv_padding(mod), mod.dilation, False, (0, 0), groups,
         (False, True, False))[1]
 
 
@@ -307,7 +302,7 @@ def conv_batch_weight(call: Call, d1: torch.Tensor, d2: torch.Tensor, n: int, gr
     """The chunk's weight gradients for both cotangents, one weight-only convolution backward."""
     mod = call.module
     r, cout = conv_geometry(call, n)[:2]
-    w1, w2 = (grads.row_weights(j, r).to(torch.float32).view(-1, 1, 1, 1) for j in (0, 1))
+    w1, w2 = (grads.row_weights(j, r).to(f32(d1).dtype).view(-1, 1, 1, 1) for j in (0, 1))
     g = weight_backward(mod, torch.cat([f32(d1) * w1, f32(d2) * w2], 1), call.x, 2 * cout)
     grads.add_sum(mod.weight, g[:cout], g[cout:])
 

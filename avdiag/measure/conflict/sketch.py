@@ -44,17 +44,18 @@ class Sketch:
             raise ValueError(f"the sketch dimension must be a positive integer, got {dim!r}")
         self.dim = dim
         self.seed = int(seed)
-        self._factors: dict[tuple[str, str, int, int], tuple[torch.Tensor | None, torch.Tensor | None, float]] = {}
+        Factors = tuple[torch.Tensor | None, torch.Tensor | None, float]
+        self._factors: dict[tuple[str, str, int, int, torch.dtype], Factors] = {}
 
-    def factors(self, layer: str, rows: int, cols: int, device: torch.device):
+    def factors(self, layer: str, rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32):
         """(P_out or None, P_in or None, scale) for a ``rows x cols`` gradient; None keeps that side."""
-        key = (layer, str(device), rows, cols)
+        key = (layer, str(device), rows, cols, dtype)
         if key not in self._factors:
             k_out = min(rows, max(1, math.isqrt(self.dim)))
             k_in = min(cols, max(1, self.dim // k_out))
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(layer.encode()))
-            p_out = torch.randn(k_out, rows, generator=gen).to(device) if k_out < rows else None
-            p_in = torch.randn(k_in, cols, generator=gen).to(device) if k_in < cols else None
+            p_out = torch.randn(k_out, rows, generator=gen).to(device, dtype) if k_out < rows else None
+            p_in = torch.randn(k_in, cols, generator=gen).to(device, dtype) if k_in < cols else None
             scale = (1.0 / k_out if p_out is not None else 1.0) * (1.0 / k_in if p_in is not None else 1.0)
             self._factors[key] = (p_out, p_in, scale)
         return self._factors[key]
@@ -67,7 +68,7 @@ class Sketch:
     def _conv(self, call: Call, d1: torch.Tensor, d2: torch.Tensor, n: int, env: Env) -> torch.Tensor:
         mod, x = call.module, call.x
         r, cout, k, length = conv_geometry(call, n)
-        p_out, p_in, scale = self.factors(env.layer, cout, k, x.device)
+        p_out, p_in, scale = self.factors(env.layer, cout, k, x.device, f32(x).dtype)
         k_in = k if p_in is None else p_in.shape[0]
         c = chunk_size(n, (k_in + 4 * cout) * length, env.budget)
         out = []
@@ -94,7 +95,8 @@ class Sketch:
     def _linear(self, call: Call, d1: torch.Tensor, d2: torch.Tensor, n: int, env: Env) -> torch.Tensor:
         mod = call.module
         x, d1, d2 = linear_rows(call, d1, d2, n)
-        p_out, p_in, scale = self.factors(env.layer, mod.out_features, mod.in_features, x.device)
+        p_out, p_in, scale = self.factors(env.layer, mod.out_features, mod.in_features, x.device,
+                                             f32(x).dtype)
         z = x if p_in is None else x @ p_in.T
         q1, q2 = (d if p_out is None else d @ p_out.T for d in (d1, d2))
         res = gram3(torch.bmm(q1.transpose(1, 2), z), torch.bmm(q2.transpose(1, 2), z)) * scale
