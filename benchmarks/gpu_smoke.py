@@ -16,8 +16,8 @@ On one GPU, with small sizes (a seeded OGM-GE classifier, ResNet-18 encoders at 
    tensors compared.
 4. ``check --data``: cpu against cuda ``--amp``: same status and same rule ids.
 5. ``conflict`` under torchrun, 2 processes, on cpu and on cuda: equal to the one-process run.
-6. ``benchmarks/probe_bench.py`` (plain and ``--amp``) and ``benchmarks/conflict_bench.py`` with
-   ``--device cuda``: their exit status and figures.
+6. ``benchmarks/probe_bench.py`` (plain and ``--amp``), ``benchmarks/conflict_bench.py --preset full``
+   and ``benchmarks/launch_bench.py`` at full size with ``--device cuda``: their exit status and figures.
 
 Everything goes into ONE summary JSON (``--json``, default ``gpu_smoke.json`` in ``--out``): per
 step its time and error, per comparison its value, tolerance (in :data:`TOLERANCES`), and pass or
@@ -614,13 +614,17 @@ def bench_commands(c: Config) -> dict[str, list[str]]:
         return {"probe_bench": ["probe_bench.py", "--device", "cpu", "--width", "4", "--batches", "2",
                                 "--batch-size", "2", "--repeats", "1", "--no-memory"],
                 "conflict_bench": ["conflict_bench.py", "--device", "cpu", "--width", "4", "--batch-size", "4",
-                                   "--repeats", "1", "--audio", "32,24", "--image-size", "32", "--loop-samples", "2"]}
+                                   "--repeats", "1", "--audio", "32,24", "--image-size", "32", "--loop-samples", "2"],
+                "launch_bench": ["launch_bench.py", "--device", "cpu", "--repeats", "1"]}
     return {"probe_bench": ["probe_bench.py", "--device", "cuda", "--batches", "8", "--batch-size", "16",
                             "--repeats", "5"],
             "probe_bench_amp": ["probe_bench.py", "--device", "cuda", "--amp", "--batches", "8", "--batch-size", "16",
                                 "--repeats", "5"],
-            "conflict_bench": ["conflict_bench.py", "--device", "cuda", "--batch-size", "32", "--repeats", "3",
-                               "--loop-samples", "8"]}
+            "conflict_bench": ["conflict_bench.py", "--device", "cuda", "--preset", "full", "--batch-size", "64",
+                               "--repeats", "3", "--loop-samples", "8"],
+            # per-batch conflict and Shapley at full size (CREMA-D shapes, batch 64): operators and time
+            "launch_bench": ["launch_bench.py", "--device", "cuda", "--width", "64", "--batch-size", "64",
+                             "--audio", "257,188", "--image-size", "224", "--repeats", "11"]}
 
 
 def step_bench(smoke: Smoke) -> None:
@@ -643,7 +647,7 @@ def bench_figures(report: dict) -> dict[str, Any]:
     keys = {"speed": ("ratio_of_medians", "pass"), "memory": ("probe_peak_n_mib", "probe_peak_big_mib", "pass")}
     out = {f"{part}.{k}": report[part].get(k) for part, ks in keys.items() if isinstance(report.get(part), dict)
            for k in ks}
-    for k in ("figures", "pass", "max_cos_diff", "cos_ok"):
+    for k in ("figures", "pass", "max_cos_diff", "cos_ok", "ratios"):
         if k in report:
             out[k] = report[k]
     return out

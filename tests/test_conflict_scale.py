@@ -151,6 +151,48 @@ def test_every_layer_method_equals_the_loop_in_float64(method, batches):
             assert all(abs(rec.modalities[m].cos - want[m]) <= 1e-11 for m in ("audio", "visual"))
 
 
+def _exact_products(a: torch.Tensor | None, b: torch.Tensor | None, p: torch.Tensor) -> list[float]:
+    x = (torch.zeros_like(p) if a is None else a).double().reshape(-1)
+    y = (torch.zeros_like(p) if b is None else b).double().reshape(-1)
+    return [float(x @ y), float(x @ x), float(y @ y)]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_per_tensor_products_both_paths_equal_float64_sums(monkeypatch, batched):
+    """The per-tensor path (rescaled float32) and the batched one (concatenated, float64, segmented
+    sums: the GPU's, and the CPU's for small tensors) give every tensor's <a, b>, |a|^2, |b|^2,
+    including gradients whose squares underflow float32, empty tensors and missing gradients."""
+    from avdiag.measure.conflict import gradients
+
+    monkeypatch.setattr(gradients, "PRODUCTS", "batched" if batched else "per-tensor")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.empty(5, 3), torch.empty(0), torch.empty(7), torch.empty(4, 2, 3, 3), torch.empty(3)]
+    a = [torch.randn(p.shape, generator=gen) for p in params]
+    b = [torch.randn(p.shape, generator=gen) for p in params]
+    a[2], b[2] = a[2] * 1e-30, b[2] * 1e-25  # squares below float32's smallest subnormal
+    b[4] = None
+    got = gradients.tensor_products(a, b, params)
+    assert got.dtype == torch.float64 and got.shape == (len(params), 3)
+    for row, (x, y, p) in zip(got.tolist(), zip(a, b, params)):
+        want = _exact_products(x, y, p)
+        assert row == pytest.approx(want, rel=1e-6, abs=0)
+    assert got[2, 1] > 0 and got[2, 2] > 0
+
+
+def test_model_state_restores_every_buffer_after_a_train_mode_forward():
+    from avdiag.measure.conflict.gradients import ModelState
+
+    model = OGMGEClassifier(5, "concat", width=4).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ModelState(model, save_buffers=True):
+        model.train()
+        model(torch.randn(4, 16, 12), torch.randn(4, 3, 1, 16, 16))
+        assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
 def test_generic_modules_get_a_generic_method_the_rest_a_specialised_one(batches, odd):
     forget_choices()
     result = measure_conflict(odd, batches, "cpu")

@@ -9,6 +9,7 @@ whose tensors fit a registered architecture.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 import inspect as pyinspect
@@ -78,7 +79,7 @@ class ResolvedModel:
                     self.program = _move_program(self.program, device)
                     self.module = self.program.module()
                 return self.module
-            self.module = self.module.to(device)
+            self.module = move_module(self.module, device)
         return self.module
 
     def cast(self, dtype: torch.dtype) -> None:
@@ -131,6 +132,17 @@ def out_of_memory_as_error(batch_size: int | None = None) -> Iterator[None]:
         if is_out_of_memory(e):
             raise out_of_memory_error(e, batch_size) from e
         raise
+
+
+def move_module(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)``, skipped when every parameter and buffer is there already: ``.to`` walks
+    every submodule, milliseconds of host time per call for a ResNet pair, which a launch-bound GPU
+    pass of a few milliseconds notices."""
+    device = _canonical(torch.device(device))
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if all(t.device == device for t in tensors):
+        return module
+    return module.to(device)
 
 
 def _canonical(device: torch.device) -> torch.device:

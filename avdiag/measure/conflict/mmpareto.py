@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from avdiag.errors import DataError, ModelError
-from avdiag.locate.resolve import is_out_of_memory
+from avdiag.locate.resolve import is_out_of_memory, move_module
 from avdiag.measure.conflict.budget import default_budget, format_bytes
 from avdiag.measure.conflict.engine import BatchRecord, Engine
 from avdiag.measure.conflict.gradients import MODALITIES, Encoder, ModelState, encoder_info
@@ -170,7 +170,7 @@ class ConflictMeter:
         self.tf32 = tf32
         self.parts = parts
         self.per_sample, self.train_mode, self.gamma = per_sample, bool(train_mode), gamma
-        model = parts.model.to(self.device)
+        model = move_module(parts.model, self.device)
         self.encs = {m: encoder_info(model, m, parts.encoders[m], parts.feature_fns[m]) for m in MODALITIES}
         kinds = _engines(method, self.encs, parts.sample_major_rows)
         enc_ids = {id(p) for e in self.encs.values() for p in e.params}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from avdiag.errors import DataError
-from avdiag.locate.resolve import out_of_memory_as_error
+from avdiag.locate.resolve import move_module, out_of_memory_as_error
 from avdiag.measure.precision import full_fp32
 from avdiag.models.parts import AVParts
 
@@ -32,15 +32,17 @@ class Collector(Protocol):
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and inference mode; every module's own train/eval flag is restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Eval mode and inference mode; every module's own train/eval flag is restored afterwards (a
+    model already in eval mode is left alone: ``eval()`` walks every submodule)."""
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m in training:
+            m.training = True
 
 
 def device_of(parts: AVParts) -> torch.device:
@@ -72,7 +74,7 @@ def run(parts: AVParts, batches: Iterable[dict], device: torch.device | str, col
     device = torch.device(device)
     seen = 0
     with out_of_memory_as_error():
-        parts.model.to(device)
+        move_module(parts.model, device)
         with evaluating(parts.model), full_fp32(device, enabled=not tf32):
             for raw in batches:
                 batch = to_device(raw, device)
