@@ -59,7 +59,8 @@ def main() -> int:
             worst = max(worst, ratio)
         print(f"{name:32} {median:9.3f} {ratio:6.2f}x")
     verdict = "meets" if worst <= TARGET else "misses"
-    print(f"worst of {' / '.join(TARGETED)}: {worst:.2f}x: {verdict} the {TARGET}x target ({args.repeats} runs each, medians)")
+    print(f"worst of {' / '.join(TARGETED)}: {worst:.2f}x: {verdict} the {TARGET}x target "
+          f"({args.repeats} runs each, medians)")
     return 0
 
 

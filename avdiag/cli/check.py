@@ -31,8 +31,9 @@ def check(
     report: ReportOpt = None,
     fail_on: Annotated[Optional[str], typer.Option("--fail-on", metavar="error|warning", help="The least severity "
                        "that fails the run [default: the policy's, else error].")] = None,
-    on_nothing_analysed: Annotated[Optional[str], typer.Option("--on-nothing-analysed", metavar="error|violation|pass",
-                                   help="What a path that holds no checkpoint is [default: the policy's, else error].")] = None,
+    on_nothing_analysed: Annotated[Optional[str], typer.Option(
+        "--on-nothing-analysed", metavar="error|violation|pass",
+        help="What a path that holds no checkpoint is [default: the policy's, else error].")] = None,
     ogm_alpha: Annotated[float, typer.Option("--ogm-alpha", help="OGM-GE alpha of the contribution rule.")] = 0.8,
     quiet: QuietOpt = False, allow_global: AllowGlobalOpt = [],
     data=None,

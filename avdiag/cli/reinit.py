@@ -19,7 +19,8 @@ def reinit(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to rewrite (never modified without --in-place).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the patched checkpoint "
                    "(same format as the input; a .safetensors name converts).")] = None,
-    method: Annotated[str, typer.Option("--method", metavar="abri|reset|relearn|recalibrate", help="abri, reset, relearn or recalibrate.")] = "abri",
+    method: Annotated[str, typer.Option("--method", metavar="abri|reset|relearn|recalibrate",
+                                        help="abri, reset, relearn or recalibrate.")] = "abri",
     mode: Annotated[str, typer.Option("--mode", metavar="fold|module", help="abri: fold (drop-in checkpoint) or module "
                     "(re-parametrisation with extra keys).")] = "fold",
     alpha: Annotated[float, typer.Option("--alpha", help="abri: weight of the pretrained branch.")] = 0.5,
@@ -29,14 +30,14 @@ def reinit(
                            "largest smaller alpha that revives them, listed as revived beyond the blend].")] = False,
     revive_margin: Annotated[float, typer.Option("--revive-margin", help="abri fold: a revived channel's z ends at "
                              "least this far above the dead threshold (z < -3), i.e. z >= -1 by default.")] = 2.0,
-    scope: Annotated[str, typer.Option("--scope", metavar="flagged|layers|all", help="flagged (channels), layers (holding flagged channels) "
-                     "or all (BN layers).")] = "flagged",
+    scope: Annotated[str, typer.Option("--scope", metavar="flagged|layers|all", help="flagged (channels), layers "
+                     "(holding flagged channels) or all (BN layers).")] = "flagged",
     modality: Annotated[list[str], typer.Option("--modality", metavar="NAME|NAME=PREFIX",
                         help="Restrict to modality NAME; NAME=PREFIX defines a modality as with inspect.")] = [],
-    stats: Annotated[Optional[str], typer.Option("--stats", metavar="reset|blend|data", help="abri fold running statistics: reset, blend or "
-                     "data [default: data with --data, else blend].")] = None,
-    variant: Annotated[str, typer.Option("--variant", metavar="all|tiny-gamma", help="reset: all (every BN) or tiny-gamma "
-                       "(channels with |gamma| < 1e-6).")] = "all",
+    stats: Annotated[Optional[str], typer.Option("--stats", metavar="reset|blend|data", help="abri fold running "
+                     "statistics: reset, blend or data [default: data with --data, else blend].")] = None,
+    variant: Annotated[str, typer.Option("--variant", metavar="all|tiny-gamma", help="reset: all (every BN) or "
+                       "tiny-gamma (channels with |gamma| < 1e-6).")] = "all",
     lam: Annotated[float, typer.Option("--lam", help="relearn: alpha = tanh(lam * purity gap).")] = 3.0,
     alpha_audio: Annotated[Optional[float], typer.Option("--alpha-audio", help="relearn: skip the diagnosis "
                            "for audio.")] = None,

@@ -108,7 +108,8 @@ def find_index(directory: Path) -> Path:
     """The Hugging Face style *.index.json of a sharded checkpoint folder."""
     indexes = sorted(directory.glob("*.index.json"))
     if not indexes:
-        raise UnreadableCheckpointError(f"{directory}: a folder, not a sharded checkpoint (no *.index.json){_hint(directory)}")
+        raise UnreadableCheckpointError(
+            f"{directory}: a folder, not a sharded checkpoint (no *.index.json){_hint(directory)}")
     if len(indexes) > 1:
         preferred = [p for p in indexes if "safetensors" in p.name]
         if len(preferred) == 1:

@@ -125,8 +125,9 @@ def _refuse_torchscript_setstate(path: Path) -> None:
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
                 if "/code/" in name and name.endswith(".py") and b"__setstate__" in read_zip_record(zf, name):
+                    source = name.split("/code/", 1)[1]
                     raise UnsafeCheckpointError(
-                        f"{path}: refused: the TorchScript archive defines __setstate__ ({name.split('/code/', 1)[1]}), "
+                        f"{path}: refused: the TorchScript archive defines __setstate__ ({source}), "
                         "code that runs while loading (load with --unsafe only if you trust the file)",
                         ["__setstate__"])
     except (zipfile.BadZipFile, NotImplementedError) as e:
@@ -158,9 +159,11 @@ def _refuse_unsafe_pt2_records(zf: zipfile.ZipFile, names: list[str], root: str,
     under data/ that its config does not declare raw bytes must be a pickle naming allow-listed
     globals only, whatever its first byte."""
     constants = _pt2_json(zf, names, "data/constants/model_constants_config.json", path, required=False)
-    raw = {f"{root}data/{kind}/{e.get('path_name')}" for kind, config in
-           (("weights", weights), ("constants", constants.get("config", {}) if isinstance(constants, dict) else {}))
-           for e in (config.values() if isinstance(config, dict) else []) if isinstance(e, dict) and not e.get("use_pickle")}
+    constants_config = constants.get("config", {}) if isinstance(constants, dict) else {}
+    raw = {f"{root}data/{kind}/{e.get('path_name')}"
+           for kind, config in (("weights", weights), ("constants", constants_config))
+           for e in (config.values() if isinstance(config, dict) else [])
+           if isinstance(e, dict) and not e.get("use_pickle")}
     for name in names:
         if not name.startswith(root + "data/") or name.endswith(".json") or name.endswith("/") or name in raw:
             continue

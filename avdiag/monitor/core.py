@@ -67,9 +67,10 @@ class Monitor:
     ``log``: the JSON Lines run log (:mod:`avdiag.measure.runlog`), one flushed line per logged step
     (every ``every`` steps, and every step with a cosine) and per epoch; None keeps records in
     :attr:`records` only (``keep_records``: also with a log; by default only without one, so that a
-    long logged run does not hold every record in memory). ``tensorboard``: a log folder for TensorBoard scalars, written when
-    ``torch.utils.tensorboard`` is importable (a warning otherwise). ``parts``: the model's
-    :class:`~avdiag.models.parts.AVParts` for a custom model (built-in classifiers need none).
+    long logged run does not hold every record in memory). ``tensorboard``: a log folder for
+    TensorBoard scalars, written when ``torch.utils.tensorboard`` is importable (a warning otherwise).
+    ``parts``: the model's :class:`~avdiag.models.parts.AVParts` for a custom model (built-in
+    classifiers need none).
 
     The extra passes run at the loop's own precision settings (on CUDA, cuDNN's TF32 default), where
     the offline `avdiag conflict` forces full float32: on an H200 the cosines of the two agreed to

@@ -267,7 +267,8 @@ def github_annotations(result: Any) -> list[str]:
             if f["kind"] == "file":
                 props["file"] = v["path"]
             props["title"] = f"avdiag {v['rule_id']}" + (f" ({v['location']})" if v["location"] else "")
-            message = v["message"] if f["kind"] == "file" or v["path"] in v["message"] else f"{v['path']}: {v['message']}"
+            named = f["kind"] == "file" or v["path"] in v["message"]
+            message = v["message"] if named else f"{v['path']}: {v['message']}"
             prop_text = ",".join(f"{k}={_escape_property(val)}" for k, val in props.items())
             lines.append(f"::{_GITHUB_COMMAND[v['severity']]} {prop_text}::{_escape_data(message)}")
     return lines

@@ -14,7 +14,8 @@ from avdiag.rewrite.precision import autocast
 
 
 def recalibrate(resolved: ResolvedModel, layer_names: set[str], batches: Iterable[dict],
-                device: torch.device, amp: bool = False, tf32: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device, amp: bool = False,
+                tf32: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Running (mean, var) of the BN layers in ``layer_names`` re-estimated over ``batches``.
 
     Those layers run in training mode with a cumulative average (momentum None), everything else

@@ -26,8 +26,9 @@ class DataSource:
     preprocessing (:class:`avdiag.data.DataOptions`). ``amp``: autocast on GPU (bfloat16 where supported).
     ``tf32``: allow TF32 on GPU (faster; default full float32). ``float64``: run the model and the
     measurements in float64, the reference that tells a float32 rounding effect (a fire rate or a
-    cosine that moves between devices) from a real one; slower, and much slower on most GPUs. ``cache``: keep decoded batches for reuse
-    (they are then not pinned: a cached dataset must not lock host memory). ``strict_data``: a row the
+    cosine that moves between devices) from a real one; slower, and much slower on most GPUs.
+    ``cache``: keep decoded batches for reuse (they are then not pinned: a cached dataset must not
+    lock host memory). ``strict_data``: a row the
     reader would skip (missing or damaged files, too few frames) is an error instead.
 
     After a run, :meth:`report` says what the data gave (items and the rows left out, per split) and

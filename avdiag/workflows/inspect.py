@@ -340,14 +340,16 @@ def _probe_findings(result: InspectResult) -> list[Finding]:
                                         f"{name}: {len(m.nonfinite)} channels output NaN or Inf on the data "
                                         f"{_preview(m.nonfinite)}; their measured verdicts are withheld"))
         if m.dead:
-            out.append(findings.finding(findings.MEASURED_DEAD, name, f"{name}: {len(m.dead)} channels never fire on the data "
-                                 f"(<= {result.probe.thresholds.dead_rate:g} of positions) {_preview(m.dead)}"))
+            out.append(findings.finding(findings.MEASURED_DEAD, name,
+                                        f"{name}: {len(m.dead)} channels never fire on the data (<= "
+                                        f"{result.probe.thresholds.dead_rate:g} of positions) {_preview(m.dead)}"))
         if m.measured_only or m.predicted_only:
             out.append(findings.finding(findings.PREDICTION_MISMATCH, name,
                                  f"{name}: static prediction and measurement disagree: predicted only "
                                  f"{_preview(m.predicted_only)}, measured only {_preview(m.measured_only)}"))
     for name in result.probe.missing_layers:
-        out.append(findings.finding(findings.NOT_PROBED, name, f"{name}: the model never ran this BN layer on the data"))
+        out.append(findings.finding(findings.NOT_PROBED, name,
+                                    f"{name}: the model never ran this BN layer on the data"))
     return out
 
 

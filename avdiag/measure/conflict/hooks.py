@@ -106,7 +106,8 @@ def capture(encs: dict[str, Encoder], stack: ExitStack) -> dict[str, Capture]:
 
 
 def module_products(enc: Encoder, cap: Capture, feature: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
-                    selector: Selector, budget: int, grads: BatchGrads | None, check: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    selector: Selector, budget: int, grads: BatchGrads | None,
+                    check: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(n, 3) float64 per-sample ``<g1_i, g2_i>``, ``|g1_i|^2``, ``|g2_i|^2`` over encoder ``enc`` for
     the (unit-scaled) cotangents ``c1``, ``c2`` at its pooled ``feature``; with ``grads``, the batch
     gradients of its parameters go there; with ``check``, also the exact products (when the selector

@@ -23,8 +23,8 @@ method             applies to                             how
 =================  =====================================  ============================================
 
 Half-precision inputs and gradients (``--amp``) are multiplied in float32, and the generic methods
-re-run their module in float32. Every method also adds, when asked (:class:`BatchGrads`), the batch gradients of the module's
-parameters: the weighted sum of the per-sample gradients it formed, or, for ``gram`` and
+re-run their module in float32. Every method also adds, when asked (:class:`BatchGrads`), the
+batch gradients of the module's parameters: the weighted sum of the per-sample gradients it formed, or, for ``gram`` and
 ``sketch``, one weight-only convolution backward (or one matmul) over the chunk. Each method's
 :attr:`Method.cost` estimates its multiply-adds per sample; :mod:`~avdiag.measure.conflict.select`
 uses it to drop hopeless candidates before timing the others.

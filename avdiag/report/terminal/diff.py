@@ -103,9 +103,9 @@ def _tensor_table(changed: list[TensorChange], top: int, width: int):
             what = f"{_shape(c.shape_a)} {c.dtype_a}"
         elements = "-" if c.n_elements is None else f"{c.n_changed_elements}/{c.n_elements}"
         channels = "-" if c.n_channels_changed is None else f"{c.n_channels_changed}/{c.channels}"
-        for header, cell in (("tensor", c.name), ("rel change", _rel(c.rel_change)), ("max |b-a|", _num(c.max_abs_diff)),
-                             ("channels", channels), ("change", ",".join(c.reasons)), ("elements", elements),
-                             ("shape / dtype", what)):
+        for header, cell in (("tensor", c.name), ("rel change", _rel(c.rel_change)),
+                             ("max |b-a|", _num(c.max_abs_diff)), ("channels", channels),
+                             ("change", ",".join(c.reasons)), ("elements", elements), ("shape / dtype", what)):
             by[header].cells.append(cell)
     return fitted_table(f"changed tensors{more}", cols, width)
 

@@ -23,7 +23,8 @@ def render_inspect(result: InspectResult, console: Console, quiet: bool = False,
         return
     ck = result.checkpoint
     unwrapped = " -> ".join(_unwrap_text(u) for u in ck.unwrapped) or "nothing"
-    console.print(f"[bold]{escape(ck.path)}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {(ck.sha256 or 'not computed')[:12]}", highlight=False)
+    sha = (ck.sha256 or "not computed")[:12]
+    console.print(f"[bold]{escape(ck.path)}[/]  {ck.format}, {ck.n_tensors} tensors, sha256 {sha}", highlight=False)
     console.print(f"unwrapped: {escape(unwrapped)}; layout: {result.layout.name}"
                   + (f" (fusion {result.layout.fusion})" if result.layout.fusion else ""), highlight=False)
     hidden = 0

@@ -263,7 +263,8 @@ def _inspect_table(value: Any, where: str) -> dict[str, Any]:
         raise UsageError(f"{where}: inspect must be a table")
     bad = sorted(set(value) - _INSPECT_KEYS)
     if bad:
-        raise UsageError(f"{where}: unknown inspect key(s) {', '.join(bad)} (known: {', '.join(sorted(_INSPECT_KEYS))})")
+        known = ", ".join(sorted(_INSPECT_KEYS))
+        raise UsageError(f"{where}: unknown inspect key(s) {', '.join(bad)} (known: {known})")
     return dict(value)
 
 
