@@ -19,7 +19,8 @@ On one GPU, with small sizes (a seeded OGM-GE classifier, ResNet-18 encoders at 
 6. ``benchmarks/probe_bench.py`` (plain and ``--amp``), ``benchmarks/conflict_bench.py --preset full``
    and ``benchmarks/launch_bench.py`` at full size with ``--device cuda``: their exit status and figures.
 
-Everything goes into ONE summary JSON (``--json``, default ``gpu_smoke.json`` in ``--out``): per
+Everything goes into ONE summary JSON (``--json``, default ``gpu_smoke.json`` in ``--out``; rewritten
+after every step, so a run stopped by a time limit keeps the steps it finished): per
 step its time and error, per comparison its value, tolerance (in :data:`TOLERANCES`), and pass or
 fail; ``gating: false`` marks figures that are informative only (TF32 on, speed in a dry run). A
 step that fails does not stop the others.
@@ -143,8 +144,10 @@ class Config:
 class Smoke:
     """The steps run so far and every comparison they made."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, summary_path: Path | None = None):
         self.config = config
+        self.summary_path = summary_path  # rewritten after every step: a run cut short keeps what it did
+        self.started = time.perf_counter()
         self.steps: list[Step] = []
         self.comparisons: list[Comparison] = []
         self.reports: dict[str, Any] = {}  # label -> JSON report of a run, reused by later steps
@@ -163,6 +166,14 @@ class Smoke:
             print(f"  ERROR {record.error}", flush=True)
         finally:
             record.seconds = time.perf_counter() - start
+            self.write_summary()
+
+    def write_summary(self) -> dict[str, Any]:
+        summary = self.summary(self.started)
+        if self.summary_path is not None:
+            self.summary_path.parent.mkdir(parents=True, exist_ok=True)
+            self.summary_path.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str))
+        return summary
 
     def compare(self, step: str, name: str, value: float | None, tolerance: float, *, gating: bool = True,
                 **detail: Any) -> Comparison:
@@ -683,8 +694,8 @@ def make_config(args: argparse.Namespace, out: Path) -> Config:
                   frames=1 if dry else 2, audio=(16, 16) if dry else (64, 48), timeout=args.timeout)
 
 
-def run(config: Config, steps: list[str]) -> Smoke:
-    smoke = Smoke(config)
+def run(config: Config, steps: list[str], summary_path: Path | None = None) -> Smoke:
+    smoke = Smoke(config, summary_path)
     ckpt = None
     with smoke.step("checkpoint"):
         ckpt = build_checkpoint(config)
@@ -704,7 +715,6 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_smoke: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run. "
               "--cpu-dry-run runs the CPU halves.")
         return 0
-    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         out = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_smoke_")))
         out.mkdir(parents=True, exist_ok=True)
@@ -712,11 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = [s for s in args.only.split(",") if not (args.no_bench and s == "bench")]
         print(f"gpu_smoke: {device_name(config.target)}, torch {torch.__version__}, data {config.spec}, "
               f"width {config.width}{' (CPU dry run)' if config.dry_run else ''}", flush=True)
-        smoke = run(config, steps)
-        summary = smoke.summary(started)
         path = args.json or out / "gpu_smoke.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False, default=str))
+        summary = run(config, steps, path).write_summary()
     print(f"\ngpu_smoke: {summary['n_comparisons']} comparisons, {summary['n_failed']} gating failed, "
           f"{summary['n_step_errors']} step errors, {summary['seconds']:.0f} s -> {path}")
     return 0 if summary["ok"] else 1

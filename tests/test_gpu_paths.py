@@ -510,6 +510,21 @@ def test_smoke_sets_verdicts_within_rounding_of_a_threshold_aside():
     assert smoke.flipped_positions(layer(0.001, []), layer(0.004, [])) == (3.0, "l")
 
 
+def test_smoke_summary_is_rewritten_after_every_step(tmp_path):
+    """A run cut short by a time limit keeps the steps it finished, a failed one with its error."""
+    smoke = _smoke_module()
+    path = tmp_path / "summary.json"
+    s = smoke.Smoke(smoke.make_config(smoke.parse_args(["--cpu-dry-run"]), tmp_path), path)
+    with s.step("first"):
+        s.compare("first", "a figure", 0.5, 1.0)
+    assert json.loads(path.read_text())["n_comparisons"] == 1
+    with s.step("second"):
+        raise RuntimeError("the device went away")
+    summary = json.loads(path.read_text())
+    assert [st["name"] for st in summary["steps"]] == ["first", "second"]
+    assert summary["steps"][1]["error"] == "RuntimeError: the device went away" and not summary["ok"]
+
+
 def test_smoke_script_runs_everything_on_the_gpu_unless_dry():
     smoke = _smoke_module()
     gpu = smoke.make_config(smoke.parse_args([]), Path("."))
