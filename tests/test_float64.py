@@ -111,3 +111,33 @@ def test_the_sketch_runs_in_float64(checkpoint, cli):
     report = cli("conflict", checkpoint, *DATA, "--float64", "--sketch", "64", "--json", "-", "-q").json()
     sketch = report["conflict"]["sketch"]
     assert sketch["dim"] == 64 and 0 <= sketch["max_abs_error"] < 1 and sketch["checked"] > 0
+
+
+def test_a_model_that_makes_float32_tensors_of_its_own_says_so_under_float64(tmp_path, cli, monkeypatch):
+    (tmp_path / "f32model.py").write_text('''
+import torch
+from torch import nn
+
+
+class Mixer(nn.Module):
+    visual_layout = "BCTHW"
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, image):
+        y = torch.relu(self.bn(image))
+        return y.flatten(1) @ torch.ones(y[0].numel(), 2)  # float32, whatever the input's dtype
+
+
+def make():
+    return Mixer()
+''')
+    monkeypatch.chdir(tmp_path)
+    torch.save({"bn.weight": torch.ones(3), "bn.bias": torch.zeros(3), "bn.running_mean": torch.zeros(3),
+                "bn.running_var": torch.ones(3), "bn.num_batches_tracked": torch.tensor(0)}, tmp_path / "m.pt")
+    args = ("inspect", tmp_path / "m.pt", "--data", "synthetic:n=4,classes=2,size=8,frames=1", "--model",
+            "f32model:make", "--device", "cpu", "--batch-size", "2")
+    cli(*args).ok()
+    cli(*args, "--float64").error("--float64", "float32 tensors of its own")

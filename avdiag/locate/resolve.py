@@ -37,6 +37,7 @@ class ResolvedModel:
     name_prefix: str = ""  # prepended to module names to get checkpoint layer names
     static_batch: int | None = None  # exported programs traced with a fixed batch size
     program: Any = None  # the torch.export ExportedProgram behind ``module`` (graph:torch-export)
+    dtype: torch.dtype | None = None  # set by cast(): the model runs in this dtype (float64 measurements)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
         names = self.inputs
@@ -52,7 +53,12 @@ class ResolvedModel:
                 raise out_of_memory_error(e, _batch_size(batch, args)) from e
             shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, args))
             raise ModelError(f"the model ({self.source}) failed on a batch of {shapes}: {type(e).__name__}: "
-                             f"{str(e).strip() or 'no message'} (check --model / --visual-layout)") from e
+                             f"{str(e).strip() or 'no message'} ({self._failure_hint(e)})") from e
+
+    def _failure_hint(self, e: Exception) -> str:
+        if self.dtype == torch.float64 and any(w in str(e) for w in ("Double", "Float", "dtype", "scalar type")):
+            return "with --float64: the model makes float32 tensors of its own; run it without --float64"
+        return "check --model / --visual-layout"
 
     def fed(self, modalities: tuple[str, ...] | list[str]) -> str:
         """What this model is given of data holding ``modalities``: "audio + visual", or for a one-input
@@ -89,6 +95,7 @@ class ResolvedModel:
             raise ModelError(f"--float64 needs a model built from Python (the built-in registry or --model): the "
                              f"exported program's graph ({self.source}) fixes its dtypes")
         self.module = self.module.to(dtype)
+        self.dtype = dtype
 
     def _forward(self, args: list[torch.Tensor]) -> Any:
         if self.static_batch is None or args[0].shape[0] == self.static_batch:
