@@ -25,7 +25,7 @@ from avdiag.locate.resolve import is_out_of_memory, out_of_memory_as_error
 from avdiag.measure import moments as moments_mod
 from avdiag.measure import precision
 from avdiag.measure.activity import approximate_verdicts, judge_activity
-from avdiag.measure.moments import RunningMoments
+from avdiag.measure.moments import RunningMoments, Scratch
 from avdiag.measure.probe import ChannelActivity, _Accumulator, _count_nonfinite
 from avdiag.measure.thresholds import ProbeThresholds
 from avdiag.rewrite.abri import batch_to, default_forward
@@ -159,18 +159,22 @@ def test_a_channel_of_nan_is_no_longer_called_dead(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_both_nonfinite_counting_strategies_agree(dtype):
+def test_both_accumulator_paths_count_nonfinite_values_exactly(dtype):
+    """The CPU path counts only for a batch whose row sums are not finite; the few-kernel (GPU) path
+    counts finite values in every batch: both give every row's count."""
     x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[0, 1, 7] = float("inf")
     x[2, 1, 0] = float("-inf")  # the row's shift itself
     x[1, 4, :] = float("nan")
     x[2, 3, 39] = float("nan")
-    total = x.float().sum(dim=2)
     expected = (~torch.isfinite(x)).sum(dim=2).to(torch.int32)
-    assert torch.equal(_count_nonfinite(x, total, eager=True), expected)
-    assert torch.equal(_count_nonfinite(x, total, eager=False), expected)
+    assert torch.equal(_count_nonfinite(x, x.float().sum(dim=2)), expected)
     clean = torch.randn(2, 3, 9)
-    assert torch.equal(_count_nonfinite(clean, clean.sum(dim=2), eager=False), torch.zeros(2, 3, dtype=torch.int32))
+    assert torch.equal(_count_nonfinite(clean, clean.sum(dim=2)), torch.zeros(2, 3, dtype=torch.int32))
+    for scratch in (None, Scratch()):
+        acc = _Accumulator(0.0, scratch)
+        acc.add(x)
+        np.testing.assert_array_equal(acc.result().nonfinite, expected.sum(dim=0).numpy())
 
 
 def _activity(rate, std, peak, nonfinite, positions=100) -> ChannelActivity:
@@ -217,14 +221,16 @@ def _reference(batches: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.
             flat.amax(1).numpy())
 
 
+@pytest.mark.parametrize("scratch", [False, True], ids=["few-kernels", "cpu-scratch"])
 @pytest.mark.parametrize("fold_elements", [1 << 18, 7])  # merged once at the end / after every batch
-def test_accumulator_is_exact_across_batches_of_different_sizes(monkeypatch, fold_elements):
+def test_accumulator_is_exact_across_batches_of_different_sizes(monkeypatch, fold_elements, scratch):
     monkeypatch.setattr(moments_mod, "FOLD_ELEMENTS", fold_elements)
     g = torch.Generator().manual_seed(3)
     batches = [torch.randn(b, 4, h, w, generator=g) * 2 + 50 for b, h, w in ((3, 5, 7), (1, 5, 7), (2, 3, 3))]
     for b in batches:
         b[:, 2] = 7.25  # constant: exactly zero variance whatever the merge order
-    acc = _Accumulator(0.0)
+        b[:, 3] = b[:, 3] * 1e-3 + 1e4  # |mean| / std = 5e6: no loss to cancellation
+    acc = _Accumulator(0.0, Scratch() if scratch else None)
     for b in batches:
         acc.add(b)
     got = acc.result()
@@ -238,10 +244,11 @@ def test_accumulator_is_exact_across_batches_of_different_sizes(monkeypatch, fol
     assert not got.nonfinite.any()
 
 
+@pytest.mark.parametrize("scratch", [False, True], ids=["few-kernels", "cpu-scratch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_accumulator_takes_half_precision_outputs_without_a_cast_of_its_own(dtype):
+def test_accumulator_takes_half_precision_outputs(dtype, scratch):
     x = (torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
-    acc = _Accumulator(0.0)
+    acc = _Accumulator(0.0, Scratch() if scratch else None)
     acc.add(x)
     got = acc.result()
     rate, mean, var, peak = _reference([x])

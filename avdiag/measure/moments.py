@@ -81,9 +81,32 @@ def rows_to_moments(shift: torch.Tensor, total: torch.Tensor, norm: torch.Tensor
     total = total.double()
     mean_rows = shift.double() + total / p
     m2_rows = (norm.double().square() - total.square() / p).clamp_min(0)
+    return _merge_rows(mean_rows, m2_rows, p)
+
+
+def mean_var_to_moments(shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, p: int) -> Moments:
+    """Merge (R, C) rows of ``p`` positions each, given as the row's shift and the mean and population
+    variance of the row minus its shift (:func:`shifted_var_mean`), into per-channel moments (float64)."""
+    return _merge_rows(shift.double() + mean.double(), var.double() * p, p)
+
+
+def shifted_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (b, c) row of a (B, C, P) floating activation: its first value (the shift, a copy) and the
+    population variance and mean of the row minus its shift (``torch.var_mean``, Welford's update, in
+    float32 or wider). Three kernels, where :func:`row_sums` takes four; the shift keeps the precision
+    of rows whose |mean| dwarfs their spread (float32's Welford alone lost 3% of a variance at
+    |mean| / std = 5e6)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    shift = x[:, :, 0].to(dtype, copy=True)
+    var, mean = torch.var_mean(x - shift.unsqueeze(2), dim=2, correction=0)
+    return shift, mean, var
+
+
+def _merge_rows(mean_rows: torch.Tensor, m2_rows: torch.Tensor, p: int) -> Moments:
+    """Per-channel moments of (R, C) rows of ``p`` positions, each row given by its mean and M2."""
     mean = mean_rows.mean(dim=0)
     m2 = m2_rows.sum(dim=0) + p * (mean_rows - mean).square().sum(dim=0)
-    return Moments(p * shift.shape[0], mean, m2)
+    return Moments(p * mean_rows.shape[0], mean, m2)
 
 
 class PendingRows:
@@ -129,6 +152,7 @@ class RunningMoments:
         self.n = 0
         self._merged: Moments | None = None
         self._pending = PendingRows(("shift", "total", "norm"))
+        self._pending_mean_var = PendingRows(("shift", "mean", "var"))
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -148,9 +172,19 @@ class RunningMoments:
         if self._pending.full:
             self._fold()
 
+    def add_mean_var(self, p: int, shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Queue (B, C) rows of ``p`` positions each as :func:`shifted_var_mean` gives them."""
+        self._pending_mean_var.add(p, shift=shift, mean=mean, var=var)
+        self.n += p * shift.shape[0]
+        if self._pending_mean_var.full:
+            self._fold()
+
     def _fold(self) -> Moments | None:
-        for p, rows in self._pending.take().items():
-            part = rows_to_moments(rows["shift"], rows["total"], rows["norm"], p)
+        parts = [rows_to_moments(rows["shift"], rows["total"], rows["norm"], p)
+                 for p, rows in self._pending.take().items()]
+        parts += [mean_var_to_moments(rows["shift"], rows["mean"], rows["var"], p)
+                  for p, rows in self._pending_mean_var.take().items()]
+        for part in parts:
             self._merged = part if self._merged is None else self._merged.merge(part)
         return self._merged
 
