@@ -155,3 +155,43 @@ def test_cav_mae_shared_modality_is_reported_on_its_own(tmp_path):
     doc = inspect(path, hash_file=False).to_dict()
     assert doc["layout"]["modalities"] == {"audio": "patch_embed_a.", "visual": "patch_embed_v.", "shared": "blocks_u."}
     assert [h["name"] for h in doc["layout"]["heads"]] == ["mlp_head.1"]  # DataParallel's module. unwrapped
+
+
+def _relearned(rows: list, modality: str) -> set[str]:
+    """What D&R re-initialises in ``modality``'s encoder, read off the rows: every layer weight (two or
+    more dimensions) and the gamma/beta of every normalisation layer (one-dimensional weight)."""
+    shapes = {k: s for k, s, _ in rows}
+    out = set()
+    for k, s, m in rows:
+        module, _, leaf = k.rpartition(".")
+        norm = len(shapes.get(f"{module}.weight", ())) == 1
+        if m == modality and (leaf == "weight" and len(s) >= 2 or norm and leaf in ("weight", "bias")):
+            out.add(k)
+    return out
+
+
+@pytest.mark.parametrize("family", ["cav-mae", "mavil"])
+def test_relearn_reinitialises_every_tensor_of_each_encoder_by_the_layout(tmp_path, cli, family):
+    """Given alphas and initial weights, relearn on a transformer layout rewrites exactly each uni-modal
+    encoder's layer weights and norm gamma/beta, wherever the layout's name patterns put them (not only
+    under one prefix); the shared blocks and the heads stay."""
+    rows = FAMILIES[family]()
+    gen = torch.Generator().manual_seed(0)
+    current = {k: torch.randn(s, generator=gen) for k, s, _ in rows}
+    initial = {k: torch.randn(s, generator=gen) for k, s, _ in rows}
+    src, init, out = tmp_path / "model.pt", tmp_path / "init.pt", tmp_path / "relearned.pt"
+    torch.save(current, src)
+    torch.save(initial, init)
+    result = cli("reinit", src, "--out", out, "--method", "relearn", "--alpha-audio", "0.5", "--alpha-visual",
+                 "0.25", "--init-ckpt", init, "--json", "-", "-q").json()
+    written = torch.load(out, weights_only=True)
+    alphas = {AUDIO: 0.5, VISUAL: 0.25}
+    targets = {m: _relearned(rows, m) for m in alphas}
+    assert targets[AUDIO] and targets[VISUAL] and any(".blocks_" in f".{k}" for k in targets[AUDIO])
+    for k, _, m in rows:
+        if k in targets.get(m, set()):
+            want = (alphas[m] * initial[k].double() + (1 - alphas[m]) * current[k].double()).float()
+            assert torch.equal(written[k], want), k
+        else:
+            assert torch.equal(written[k], current[k]), k
+    assert set(result["parameters"]["per_modality"]) == {AUDIO, VISUAL}

@@ -1,10 +1,15 @@
 """Re-learning (Diagnosing & Re-learning, Wei, Li, Feng, Hu, ECCV 2024): a soft re-initialisation of
 each encoder towards its initial weights, with the strength alpha_m that the learning state
-(:mod:`avdiag.measure.contribution.learning_state`) gives: theta <- alpha_m * theta_init + (1 - alpha_m) * theta over
-the encoder's conv weights and BN gamma/beta (not running statistics, not the heads).
+(:mod:`avdiag.measure.contribution.learning_state`) gives: theta <- alpha_m * theta_init +
+(1 - alpha_m) * theta over the encoder's conv weights and BN gamma/beta (not running statistics, not
+the heads). In an encoder without BatchNorm (a transformer) the same rule reads: the weight of every
+layer (conv, linear, embedding: two or more dimensions) and the gamma/beta of every normalisation
+layer (a one-dimensional weight); biases, positional embeddings and tokens stay.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -15,16 +20,17 @@ def soft_reinit(current: torch.Tensor, initial: torch.Tensor, alpha: float) -> t
     return mixed.to(current.dtype)
 
 
-def relearn_targets(names: list[str], shapes: dict[str, tuple], prefix: str) -> list[str]:
-    """The tensors D&R re-initialises inside one encoder: conv weights and BN gamma/beta."""
-    bn = {n.rsplit(".", 1)[0] for n in names if n.startswith(prefix) and n.endswith("running_mean")}
+def relearn_targets(names: list[str], shapes: dict[str, tuple], in_encoder: Callable[[str], bool]) -> list[str]:
+    """The tensors D&R re-initialises inside one encoder (the names ``in_encoder`` accepts): layer
+    weights and normalisation gamma/beta."""
+    mine = [n for n in names if in_encoder(n)]
+    norms = {n.rsplit(".", 1)[0] for n in mine if n.endswith(".running_mean")}
+    norms |= {n.rsplit(".", 1)[0] for n in mine if n.endswith(".weight") and len(shapes[n]) == 1}
     out = []
-    for n in names:
-        if not n.startswith(prefix):
-            continue
+    for n in mine:
         module, _, leaf = n.rpartition(".")
-        if module in bn and leaf in ("weight", "bias"):
+        if module in norms and leaf in ("weight", "bias"):
             out.append(n)
-        elif leaf == "weight" and len(shapes[n]) >= 3:
+        elif leaf == "weight" and len(shapes[n]) >= 2:
             out.append(n)
     return out

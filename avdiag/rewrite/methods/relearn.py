@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from avdiag.errors import ModelError, UsageError
+from avdiag.locate.transformer_layouts import SHARED
 from avdiag.rewrite import relearn
 from avdiag.rewrite.methods.base import DataAccess, Method, Rewrite, RewriteInput, register
 from avdiag.rewrite.precision import autocast
@@ -38,7 +39,8 @@ def validate(o: RelearnOptions, has_data: bool) -> None:
 
 
 def apply(target: RewriteInput, o: RelearnOptions) -> Rewrite:
-    prefixes = dict(target.located.layout.modalities)
+    # the modalities with an encoder of their own: blocks both modalities' tokens pass through are not one
+    prefixes = {m: p for m, p in target.located.layout.modalities.items() if m != SHARED}
     if not prefixes:
         raise UsageError("--method relearn needs a multimodal checkpoint (use --modality NAME=PREFIX)")
     alphas = dict(o.alphas)
@@ -50,7 +52,7 @@ def apply(target: RewriteInput, o: RelearnOptions) -> Rewrite:
     alphas.update({m: d["alpha"] for m, d in diagnosis.items()})
     moving = any(alphas.get(m, 0.0) != 0 for m in prefixes if target.in_scope(m))
     initial = _initial_weights(target, o) if moving else {}
-    tensors, per_modality = _soft_reinit(target, prefixes, alphas, initial)
+    tensors, per_modality = _soft_reinit(target, list(prefixes), alphas, initial)
     parameters = {"method": "relearn", "lam": o.lam, "alphas": alphas, "seed": o.seed,
                   "init": o.init_ckpt or f"generated (seed {o.seed})", "modality": target.modality,
                   "per_modality": per_modality}
@@ -77,22 +79,24 @@ def _diagnose(data: DataAccess, prefixes: dict[str, str], modalities: list[str],
     return out
 
 
-def _soft_reinit(target: RewriteInput, prefixes: dict[str, str], alphas: dict[str, float],
+def _soft_reinit(target: RewriteInput, modalities: list[str], alphas: dict[str, float],
                  initial: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The re-initialised tensors that differ from the checkpoint's, and per modality in scope what
-    happened to it ("alpha 0: unchanged", "alpha 0.42: 20 tensors rewritten")."""
+    happened to it ("alpha 0: unchanged", "alpha 0.42: 20 tensors rewritten"). A tensor belongs to
+    the modality the layout gives it (name patterns for transformer layouts, not one prefix)."""
     names = target.ckpt.tensors.names()
     shapes = {n: target.ckpt.tensors.info(n).shape for n in names}
+    modality_of = target.located.layout.modality_of
     tensors: dict[str, torch.Tensor] = {}
     per_modality: dict[str, str] = {}
-    for m, prefix in prefixes.items():
+    for m in modalities:
         if not target.in_scope(m):
             continue
         if alphas[m] == 0:
             per_modality[m] = "alpha 0: unchanged"
             continue
         changed = 0
-        for n in relearn.relearn_targets(names, shapes, prefix):
+        for n in relearn.relearn_targets(names, shapes, lambda n, m=m: modality_of(n) == m):
             current = target.tensor(n)
             if n not in initial or initial[n].shape != current.shape:
                 raise UsageError(f"the initial weights lack {n} (or its shape differs)")
