@@ -99,8 +99,13 @@ def copy_tensors(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> No
         pair = groups.setdefault((d.dtype, d.device), ([], []))
         pair[0].append(d)
         pair[1].append(s)
+    foreach_copy = getattr(torch, "_foreach_copy_", None)  # PyTorch 2.2 and later
     for ds, ss in groups.values():
-        torch._foreach_copy_(ds, ss)
+        if foreach_copy is not None:
+            foreach_copy(ds, ss)
+        else:
+            for d, s in zip(ds, ss):
+                d.copy_(s)
 
 
 @dataclass
