@@ -165,7 +165,7 @@ def _relearned(rows: list, modality: str) -> set[str]:
     for k, s, m in rows:
         module, _, leaf = k.rpartition(".")
         norm = len(shapes.get(f"{module}.weight", ())) == 1
-        if m == modality and (leaf == "weight" and len(s) >= 2 or norm and leaf in ("weight", "bias")):
+        if m == modality and (leaf.endswith("weight") and len(s) >= 2 or norm and leaf in ("weight", "bias")):
             out.add(k)
     return out
 
@@ -195,3 +195,34 @@ def test_relearn_reinitialises_every_tensor_of_each_encoder_by_the_layout(tmp_pa
         else:
             assert torch.equal(written[k], current[k]), k
     assert set(result["parameters"]["per_modality"]) == {AUDIO, VISUAL}
+
+
+def test_relearn_on_the_built_in_transformer_diagnoses_on_data_and_rewrites_its_layers(tmp_path, cli):
+    """D&R end to end on a BatchNorm-free model: the learning state from the encoders' pooled features,
+    then every attention / MLP weight and LayerNorm gamma/beta of a moving encoder pulled towards the
+    architecture's seeded initialisation; biases, the head and the other encoder's tensors stay."""
+    from avdiag.models.arch.av_transformer import AVTransformer
+
+    torch.manual_seed(5)  # not the initialisation's seed (--init-seed 0)
+    model = AVTransformer(4, dim=16, depth=1)
+    with torch.no_grad():  # as after training: LayerNorms away from their initial 1 / 0
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    src, out = tmp_path / "avt.pt", tmp_path / "relearned.pt"
+    torch.save(model.state_dict(), src)
+    spec = "synthetic:n=16,classes=4,audio=0.9,visual=0.3,seed=1,f=16,t=16,size=16,frames=1"
+    result = cli("reinit", src, "--out", out, "--method", "relearn", "--data", spec, "--device", "cpu",
+                 "--batch-size", "8", "--alpha-visual", "0", "--json", "-", "-q").json()
+    alpha = result["diagnosis"]["audio"]["alpha"]
+    assert 0 < alpha < 1 and result["parameters"]["per_modality"]["visual"] == "alpha 0: unchanged"
+    before, after = model.state_dict(), torch.load(out, weights_only=True)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    shapes = {k: tuple(v.shape) for k, v in before.items()}
+    want = {k for k in before if k.startswith("audio_encoder.") and (
+        k.endswith("weight") and len(shapes[k]) >= 2
+        or len(shapes.get(k.rsplit(".", 1)[0] + ".weight", ())) == 1 and k.endswith((".weight", ".bias")))}
+    assert {"audio_encoder.blocks.0.attn.in_proj_weight", "audio_encoder.blocks.0.mlp.fc1.weight",
+            "audio_encoder.norm.weight", "audio_encoder.norm.bias"} <= want
+    assert changed == want

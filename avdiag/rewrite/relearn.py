@@ -3,8 +3,9 @@ each encoder towards its initial weights, with the strength alpha_m that the lea
 (:mod:`avdiag.measure.contribution.learning_state`) gives: theta <- alpha_m * theta_init +
 (1 - alpha_m) * theta over the encoder's conv weights and BN gamma/beta (not running statistics, not
 the heads). In an encoder without BatchNorm (a transformer) the same rule reads: the weight of every
-layer (conv, linear, embedding: two or more dimensions) and the gamma/beta of every normalisation
-layer (a one-dimensional weight); biases, positional embeddings and tokens stay.
+layer (conv, linear, attention projections, embedding: two or more dimensions) and the gamma/beta
+of every normalisation layer (a one-dimensional weight); biases, positional embeddings and tokens
+stay.
 """
 
 from __future__ import annotations
@@ -31,6 +32,6 @@ def relearn_targets(names: list[str], shapes: dict[str, tuple], in_encoder: Call
         module, _, leaf = n.rpartition(".")
         if module in norms and leaf in ("weight", "bias"):
             out.append(n)
-        elif leaf == "weight" and len(shapes[n]) >= 2:
+        elif (leaf == "weight" or leaf.endswith("_weight")) and len(shapes[n]) >= 2:  # also in_proj_weight
             out.append(n)
     return out
