@@ -355,6 +355,26 @@ def test_module_mode_keys(module_mode):
     assert _load(out)["avdiag_provenance"]["parameters"]["mode"] == "module"
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.99])
+def test_module_mode_judges_the_layers_the_model_trains_with(tmp_path, alpha):
+    """After a module-mode rewrite the scan reads each converted layer as it trains: both branches
+    normalise with the batch statistics, so the pair is one BatchNorm with gamma a*g + (1-a)*1 and beta
+    a*b + (1-a)*0. A planted dead channel stays dead exactly where that blend's z is still below -3."""
+    src = _example_copy(tmp_path)
+    result = reinit(src, tmp_path / "m.pth", ReinitOptions("abri", AbriOptions(mode="module", alpha=alpha)))
+    sd = _strip(_load(src)["model"])
+    want = {}
+    for layer, channels in _example_dead().items():
+        g, b, rv = (sd[f"{layer}.{k}"].double() for k in ("weight", "bias", "running_var"))
+        z = (alpha * b) / ((alpha * g + 1 - alpha).abs() * torch.sqrt(rv / (rv + 1e-5)))
+        still = [c for c in channels if z[c] < -3]
+        if still:
+            want[layer] = still
+    assert result.still_dead == want
+    assert sum(result.dead_after.values()) == sum(len(c) for c in want.values())
+    assert bool(want) is (alpha == 0.99)  # the default blend revives every planted channel, 0.99 does not
+
+
 def test_module_mode_finetune_and_merge(module_mode):
     _, out, _, per_channel = module_mode
     layers = set(_example_scope())

@@ -524,6 +524,14 @@ def merge(model: nn.Module, loader: Iterable | None = None, forward: Callable[[n
     return _replace(model, merged), report
 
 
+def effective_affine(gamma: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor, new_gamma: torch.Tensor,
+                     new_beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training-mode gamma and beta of ``alpha * BN(x) + (1 - alpha) * BN_new(x)``: both branches
+    normalise with the same batch statistics, so the pair acts as one BatchNorm whose affine is the
+    blend of the two (what decides whether a channel can fire while the model trains)."""
+    return alpha * gamma + (1 - alpha) * new_gamma, alpha * beta + (1 - alpha) * new_beta
+
+
 def module_keys(bn_name: str, channels: int, alpha: float = 0.5, per_channel: bool = False,
                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The extra state-dict keys a module-mode checkpoint carries for one converted BN layer:

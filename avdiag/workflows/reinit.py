@@ -10,6 +10,7 @@ pass) and scanned again after it replaced the target.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -206,7 +207,7 @@ def reinit(checkpoint: str | Path | Subject, out: str | Path, options: ReinitOpt
     target = Path(out)
     verification, warnings = _write_verified(subject, rewrite, method, settings, before, target, data, batches,
                                              in_place=in_place, drop_optimizer=drop_optimizer, fmt=fmt)
-    after = scan(_reopened(subject, target), thresholds, hash_file=False)
+    after = _scan_written(subject, target, method, settings, thresholds)
     return ReinitResult(subject.ref(), str(target), method.name, rewrite.parameters,
                         _changes(subject.ckpt, rewrite.tensors), _dead(before), _dead(after),
                         verification, warnings, rewrite.diagnosis, rewrite.revived, _still_dead(rewrite.scope, after),
@@ -264,6 +265,20 @@ def _data_access(subject: Subject, data: DataSource, batches: _Batches) -> metho
 
     return methods.DataAccess(model=lambda: subject.model_for(data), batches=batches, classes=classes,
                               device=data.torch_device(), amp=data.amp)
+
+
+def _scan_written(subject: Subject, target: Path, method: methods.Method, settings: Any,
+                  thresholds: Thresholds) -> InspectResult:
+    """The dead-channel scan after the rewrite: of the written file, or, for a method that writes a
+    re-parametrisation (ABRi's module mode), of the plain layers it acts as, saved to a temporary file."""
+    written = _reopened(subject, target)
+    effective = method.effective_tensors(written.ckpt, settings) if method.effective_tensors else None
+    if effective is None:
+        return scan(written, thresholds, hash_file=False)
+    with tempfile.TemporaryDirectory(prefix="avdiag-effective-") as folder:
+        path = Path(folder) / "effective.pt"
+        torch.save(effective, path)
+        return scan(_reopened(subject, path), thresholds, hash_file=False)
 
 
 def _reopened(subject: Subject, target: Path) -> Subject:

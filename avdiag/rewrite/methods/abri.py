@@ -81,7 +81,9 @@ def _module(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOpt
     for name in scope:
         tensors.update(abri.module_keys(name, channels[name], o.alpha, o.per_channel))
     return Rewrite(tensors, {"method": "abri", "mode": "module", "alpha": o.alpha, "per_channel": o.per_channel,
-                             "scope": o.scope, "modality": target.modality, "layers": sorted(scope)})
+                             "scope": o.scope, "modality": target.modality, "layers": sorted(scope),
+                             "dead_after": "of each converted layer's training-mode blend (effective_affine)"},
+                   scope=dict(scope))
 
 
 def _fold(target: RewriteInput, scope: dict[str, list[int] | None], o: AbriOptions) -> Rewrite:
@@ -182,6 +184,22 @@ def _on_channels(original: torch.Tensor, estimate: torch.Tensor, channels: list[
     return out
 
 
+def effective_tensors(written: Checkpoint, o: AbriOptions) -> dict[str, torch.Tensor] | None:
+    """Module mode: the written state dict with each converted layer's pair folded into its
+    training-mode blend (:func:`avdiag.rewrite.abri.effective_affine`) and the ``abri_`` keys left out,
+    so the scan after the rewrite judges the layers the model trains with. Fold mode: None."""
+    if o.mode != "module":
+        return None
+    store = written.tensors
+    out = {n: store.get(n) for n in store.names() if ".abri_new." not in n and not n.endswith(".abri_alpha")}
+    for name in (n[: -len(".abri_alpha")] for n in store.names() if n.endswith(".abri_alpha")):
+        weight, bias = f"{name}.weight", f"{name}.bias"
+        alpha = store.get(f"{name}.abri_alpha").to(out[weight].dtype)
+        new_gamma, new_beta = store.get(f"{name}.abri_new.weight"), store.get(f"{name}.abri_new.bias")
+        out[weight], out[bias] = abri.effective_affine(out[weight], out[bias], alpha, new_gamma, new_beta)
+    return out
+
+
 def written_model(written: Checkpoint, located: Located, o: AbriOptions, factory: str | None) -> ResolvedModel | None:
     """Module mode writes extra keys no plain architecture takes: its forward check runs the converted
     built-in architecture, strictly loaded. Fold mode writes a drop-in checkpoint (None: resolve as usual)."""
@@ -200,4 +218,5 @@ def written_model(written: Checkpoint, located: Located, o: AbriOptions, factory
 
 METHOD = register(Method(
     name="abri", options=AbriOptions, apply=apply, validate=validate, written_model=written_model,
+    effective_tensors=effective_tensors,
     description="ABRi: blend each flagged BN with a fresh one (Feng, Xia, Hu 2023)"))

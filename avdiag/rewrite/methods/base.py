@@ -100,7 +100,9 @@ class Method:
     ``validate(options, has_data)``: raises a one-line :class:`UsageError` for a bad setting.
     ``apply(input, options)``: returns the :class:`Rewrite`. ``written_model(written, located, options,
     factory)``: for a method whose output the built-in resolution cannot load (extra keys), the model to
-    run the forward check on; None where the ordinary resolution applies.
+    run the forward check on; None where the ordinary resolution applies. ``effective_tensors(written,
+    options)``: for such a method, the plain state dict its written layers act as (what the dead-channel
+    scan after the rewrite reads); None where the written file is plain already.
     """
 
     name: str
@@ -108,6 +110,7 @@ class Method:
     apply: Callable[[RewriteInput, Any], Rewrite]
     validate: Callable[[Any, bool], None] = _no_extra_check
     written_model: Callable[[Checkpoint, Located, Any, str | None], ResolvedModel | None] | None = None
+    effective_tensors: Callable[[Checkpoint, Any], dict[str, torch.Tensor] | None] | None = None
     description: str = ""
 
     def settings(self, options: Any | None) -> Any:
