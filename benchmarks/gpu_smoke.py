@@ -288,8 +288,10 @@ def layers_of(report: dict) -> dict[str, dict]:
 
 
 def flipped_positions(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, str | None]:
-    """The most BN output positions of one channel that fire in one run and not in the other (the fire
-    rate difference times the positions seen), and the layer."""
+    """The largest difference in firing positions of one channel between two runs (the fire-rate
+    difference times the positions seen), and the layer. A net count: within a channel, a position
+    that fires only in one run and another that fires only in the other cancel (the reports keep
+    rates, not positions), so 0 is necessary, not sufficient, for the same positions to fire."""
     worst, where = 0.0, None
     for name in a:
         diff = max_abs_diff(a[name]["fire_rate"], b[name]["fire_rate"])
@@ -390,8 +392,8 @@ def _inspect_float64(smoke: Smoke, layers: dict[str, dict], thresholds: dict) ->
     """float64 on both devices: the same computation, so the same positions fire."""
     a, b = layers["cpu-float64"], layers["cuda-float64"]
     flipped, where = flipped_positions(a, b)
-    smoke.compare("inspect", "float64 cpu vs cuda: BN output positions firing differently", flipped,
-                  TOLERANCES["flipped_positions_fp64"], layer=where)
+    smoke.compare("inspect", "float64 cpu vs cuda: BN output positions firing differently (net per channel)",
+                  flipped, TOLERANCES["flipped_positions_fp64"], layer=where)
     smoke.compare("inspect", "float64 cpu vs cuda: output std max relative diff", std_rel_diff(a, b),
                   TOLERANCES["std_rel_fp64"])
     for key in VERDICTS:
@@ -404,14 +406,14 @@ def _inspect_float32(smoke: Smoke, layers: dict[str, dict], thresholds: dict) ->
     """The GPU's float32 run is as far from float64 as ROUNDING_FACTOR times the CPU's, at most."""
     cpu_flips, cpu_where = flipped_positions(layers["cpu-float64"], layers["cpu"])
     cpu_std = std_rel_diff(layers["cpu-float64"], layers["cpu"])
-    smoke.note("inspect", "float32 rounding on the cpu: positions firing differently from float64", cpu_flips,
-               layer=cpu_where)
+    smoke.note("inspect", "float32 rounding on the cpu: positions firing differently from float64 (net per channel)",
+               cpu_flips, layer=cpu_where)
     smoke.note("inspect", "float32 rounding on the cpu: output std max relative diff from float64", cpu_std)
     allowed_flips = ROUNDING_FACTOR * max(cpu_flips, ROUNDING_FLOORS["positions"])
     allowed_std = ROUNDING_FACTOR * max(cpu_std, ROUNDING_FLOORS["std_rel"])
     ref, gpu = layers["cuda-float64"], layers["cuda"]
     flips, where = flipped_positions(ref, gpu)
-    smoke.compare("inspect", f"float32 rounding on cuda: positions firing differently from float64 "
+    smoke.compare("inspect", f"float32 rounding on cuda: positions firing differently from float64, net per channel "
                   f"(<= {ROUNDING_FACTOR}x the cpu's)", flips, allowed_flips, layer=where)
     smoke.compare("inspect", f"float32 rounding on cuda: output std max relative diff from float64 "
                   f"(<= {ROUNDING_FACTOR}x the cpu's)", std_rel_diff(ref, gpu), allowed_std)

@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import sys

@@ -141,3 +141,15 @@ def make():
             "f32model:make", "--device", "cpu", "--batch-size", "2")
     cli(*args).ok()
     cli(*args, "--float64").error("--float64", "float32 tensors of its own")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta stands in for a GPU: the one-kernel L1 path
+def test_dormant_sums_keep_float64_on_the_cpu_and_the_gpu_path(device):
+    from avdiag.measure.dormant import _accumulate, _Site
+
+    site = _Site("fc1", "mlp", "Linear", axis=1)
+    for dtype, want in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.float32)):
+        site.pending = []
+        _accumulate(site, torch.ones(4, 3, 5, dtype=dtype, device=device))
+        assert site.pending[0].dtype == want and site.pending[0].shape == (3,)

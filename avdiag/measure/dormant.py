@@ -192,7 +192,7 @@ class _Site:
     kind: str
     module_type: str
     axis: int  # the units' axis
-    pending: list[torch.Tensor] = field(default_factory=list)  # per-batch float32 sums of |a|, not yet folded
+    pending: list[torch.Tensor] = field(default_factory=list)  # per-batch sums of |a| (>= float32), not folded
     total: torch.Tensor | None = None  # per-unit sum of |a| over the folded batches, float64
     positions: int = 0
 
@@ -344,14 +344,16 @@ def _accumulate(site: _Site, x: torch.Tensor) -> None:
     if x.numel() == 0:
         return
     dims = [d for d in range(x.dim()) if d != site.axis]
-    # Per batch the per-unit sum of |a| in float32; batches are summed in float64 when folded. On a GPU
-    # one L1-norm kernel costs least (launches dominate); on the CPU abs + sum runs ~4x faster than it.
+    # Per batch the per-unit sum of |a| in float32 (float64 under --float64); batches are summed in float64
+    # when folded. On a GPU one L1-norm kernel costs least (launches dominate); on the CPU abs + sum runs
+    # ~4x faster than it.
+    wide = torch.promote_types(x.dtype, torch.float32)
     if not dims:
-        sums = x.abs().float()
+        sums = x.abs().to(wide)
     elif x.device.type == "cpu":
-        sums = x.abs().sum(dim=dims, dtype=torch.float32)
+        sums = x.abs().sum(dim=dims, dtype=wide)
     else:
-        sums = torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.float32)
+        sums = torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=wide)
     site.pending.append(sums)
     site.positions += x.numel() // x.shape[site.axis]
     if len(site.pending) >= _FOLD_EVERY:

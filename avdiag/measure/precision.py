@@ -23,6 +23,12 @@ import torch
 DeviceLike = torch.device | str | None
 
 
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: half-precision activations, gradients and logits (``--amp``) are widened to
+    float32; float32 and float64 (``--float64``) stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _new_api() -> bool:
     backends = torch.backends
     return hasattr(backends.cuda.matmul, "fp32_precision") and hasattr(getattr(backends.cudnn, "conv", None),

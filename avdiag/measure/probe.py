@@ -25,7 +25,7 @@ from torch import nn
 from avdiag.locate import BNLayer
 from avdiag.locate.resolve import ResolvedModel, out_of_memory_as_error
 from avdiag.measure.moments import PendingRows, RunningMoments, Scratch, row_sums, shifted_var_mean
-from avdiag.measure.precision import amp_active, amp_dtype_name, autocast, full_fp32
+from avdiag.measure.precision import amp_active, amp_dtype_name, autocast, f32, full_fp32
 from avdiag.measure.thresholds import ProbeThresholds  # noqa: F401  (re-exported: probe thresholds live here too)
 
 # Verdicts that rest on the output's standard deviation: under autocast the BN outputs are rounded
@@ -121,7 +121,7 @@ class _Accumulator:
         for p, rows in self._rows.take().items():
             fire = rows["fire"].sum(dim=0, dtype=torch.int64)
             nonfinite = p * rows["finite"].shape[0] - rows["finite"].sum(dim=0, dtype=torch.int64)
-            peak = rows["peak"].amax(dim=0).float()
+            peak = f32(rows["peak"].amax(dim=0))
             if self.fire is None:
                 self.fire, self.peak, self.nonfinite = fire, peak, nonfinite
             else:  # not in place: the totals may be inference tensors, read outside inference mode

@@ -22,16 +22,21 @@ def soft_reinit(current: torch.Tensor, initial: torch.Tensor, alpha: float) -> t
 
 
 def relearn_targets(names: list[str], shapes: dict[str, tuple], in_encoder: Callable[[str], bool]) -> list[str]:
-    """The tensors D&R re-initialises inside one encoder (the names ``in_encoder`` accepts): layer
-    weights and normalisation gamma/beta."""
+    """The tensors D&R re-initialises inside one encoder (the names ``in_encoder`` accepts): with
+    BatchNorm, conv weights and BN gamma/beta, as the paper; without, every layer weight and
+    normalisation gamma/beta."""
     mine = [n for n in names if in_encoder(n)]
-    norms = {n.rsplit(".", 1)[0] for n in mine if n.endswith(".running_mean")}
-    norms |= {n.rsplit(".", 1)[0] for n in mine if n.endswith(".weight") and len(shapes[n]) == 1}
+    batchnorms = {n.rsplit(".", 1)[0] for n in mine if n.endswith(".running_mean")}
+    if batchnorms:  # the paper's rule: conv weights and BN gamma/beta
+        norms, min_dims = batchnorms, 3
+    else:  # no BatchNorm (a transformer): every layer weight and norm gamma/beta
+        norms = {n.rsplit(".", 1)[0] for n in mine if n.endswith(".weight") and len(shapes[n]) == 1}
+        min_dims = 2
     out = []
     for n in mine:
         module, _, leaf = n.rpartition(".")
         if module in norms and leaf in ("weight", "bias"):
             out.append(n)
-        elif (leaf == "weight" or leaf.endswith("_weight")) and len(shapes[n]) >= 2:  # also in_proj_weight
+        elif (leaf == "weight" or leaf.endswith("_weight")) and len(shapes[n]) >= min_dims:  # in_proj_weight too
             out.append(n)
     return out

@@ -86,6 +86,10 @@ class Engine:
         self.kinds_used: set[tuple[str, str]] = set()
         self.sketch_errors: list[float] = []
         self.fixed = [*parts.model.parameters(), *parts.model.buffers()]
+        # the per-layer products size their temporaries in float32 elements: a float64 model's are twice
+        # the bytes, so they get half the elements
+        wide = any(p.dtype == torch.float64 for p in parts.model.parameters())
+        self.temporaries = temporaries_budget(self.memory_bytes) // (2 if wide else 1)
 
     # ---- reports ---------------------------------------------------------------------------------
 
@@ -182,12 +186,12 @@ class Engine:
         """Encoder ``m``'s products by vmap, or by the loop (for the rest of the run) where an operation
         of the encoder has no batching rule."""
         try:
-            return encoder_products(self.kinds[m], enc, x, c1, c2, temporaries_budget(self.memory_bytes))
+            return encoder_products(self.kinds[m], enc, x, c1, c2, self.temporaries)
         except RuntimeError as e:
             if self.kinds[m] != "vmap" or isinstance(e, torch.OutOfMemoryError):
                 raise
             self.kinds[m] = "loop"
-            return encoder_products("loop", enc, x, c1, c2, temporaries_budget(self.memory_bytes))
+            return encoder_products("loop", enc, x, c1, c2, self.temporaries)
 
     def _hooks(self, m: str, enc: Encoder, caps: dict[str, Capture], feature: torch.Tensor, c1: torch.Tensor,
                c2: torch.Tensor, grads: BatchGrads | None, check: bool) -> torch.Tensor | None:
@@ -197,7 +201,7 @@ class Engine:
             return None
         try:
             got, exact = module_products(enc, caps[m], feature, c1, c2, self.selector,
-                                         temporaries_budget(self.memory_bytes), grads, check)
+                                         self.temporaries, grads, check)
         except EngineUnsupported:
             self.kinds[m] = "vmap"
             return None

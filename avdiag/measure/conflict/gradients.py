@@ -205,9 +205,25 @@ def _batched(tensors: Sequence[torch.Tensor]) -> bool:
 def batched_products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`tensor_products` of equal-shaped tensor pairs in a few kernels: the tensors concatenated
     and widened to float64 (where the squares of float32 values cannot underflow), then one segmented
-    sum per figure."""
-    lengths = torch.tensor([t.numel() for t in a], device=a[0].device)
+    sum per figure, each product formed only when it is summed (peak: three float64 copies of the
+    gradients). ``unsafe``: the lengths are right by construction, and checking them reads them back to
+    the host (a synchronisation per call on a GPU)."""
+    lengths = _segment_lengths(tuple(t.numel() for t in a), a[0].device)
     flat_a = torch.cat([t.reshape(-1) for t in a]).to(F64)
     flat_b = torch.cat([t.reshape(-1) for t in b]).to(F64)
-    terms = (flat_a * flat_b, flat_a * flat_a, flat_b * flat_b)
-    return torch.stack([torch.segment_reduce(t, "sum", lengths=lengths) for t in terms], 1)
+    sums = [torch.segment_reduce(x * y, "sum", lengths=lengths, unsafe=True)
+            for x, y in ((flat_a, flat_b), (flat_a, flat_a), (flat_b, flat_b))]
+    return torch.stack(sums, 1)
+
+
+_LENGTHS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _segment_lengths(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The segment lengths on ``device``, copied there once per parameter list (not once per call)."""
+    key = (sizes, device)
+    if key not in _LENGTHS:
+        if len(_LENGTHS) > 64:
+            _LENGTHS.clear()
+        _LENGTHS[key] = torch.tensor(sizes, dtype=torch.long, device=device)
+    return _LENGTHS[key]

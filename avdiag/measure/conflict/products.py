@@ -11,13 +11,9 @@ import math
 
 import torch
 
+from avdiag.measure.precision import f32  # noqa: F401  (the conflict modules import it from here)
+
 F64 = torch.float64
-
-
-def f32(t: torch.Tensor) -> torch.Tensor:
-    """At least float32: half-precision activations and gradients (``--amp``) are multiplied in
-    float32; float32 and float64 (``--float64``) stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def cosine(dot: float, n1: float, n2: float) -> float:

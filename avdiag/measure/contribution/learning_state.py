@@ -26,7 +26,7 @@ from avdiag.measure.contribution.passes import MODALITIES, run
 from avdiag.measure.contribution.table import (
     disjoint_index, feature_matrix, index_order, int_column, json_column,
 )
-from avdiag.measure.precision import full_fp32
+from avdiag.measure.precision import f32, full_fp32
 from avdiag.models.parts import AVParts
 from avdiag.results import finite
 
@@ -99,7 +99,7 @@ def encoder_features(resolved: ResolvedModel, prefixes: dict[str, str], batches:
 
 def _pool(out: torch.Tensor, frames: int) -> torch.Tensor:
     """(B*T, C, h, w) encoder maps -> (B, C), averaged over frames and space."""
-    pooled = out.float().mean(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else out.float()
+    pooled = f32(out).mean(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else f32(out)
     return pooled.reshape(-1, frames, pooled.shape[-1]).mean(dim=1)
 
 

@@ -35,6 +35,7 @@ from avdiag.measure.contribution.passes import MODALITIES, device_of, run
 from avdiag.measure.contribution.table import (
     bool_column, concat, disjoint_index, float_column, index_order, int_column, json_column, reorder,
 )
+from avdiag.measure.precision import f32
 from avdiag.models.parts import AVParts
 
 COALITIONS = ("audio+visual", "audio", "visual", "empty")
@@ -150,7 +151,7 @@ def play(parts: AVParts, a: torch.Tensor, v: torch.Tensor, za: torch.Tensor, zv:
          label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused-head call on the stacked coalitions {a,v}, {a,zv}, {za,v}, {za,zv}: (4, B) correct, prob."""
     n = label.shape[0]
-    logits = parts.fuse(torch.cat((a, a, za, za)), torch.cat((v, zv, v, zv))).float()
+    logits = f32(parts.fuse(torch.cat((a, a, za, za)), torch.cat((v, zv, v, zv))))
     logits = logits.reshape(4, n, logits.shape[-1])
     target = label.long().expand(4, n)
     correct = logits.argmax(dim=-1) == target

@@ -17,13 +17,14 @@ from avdiag.measure.contribution.passes import MODALITIES, run
 from avdiag.measure.contribution.table import (
     bool_column, concat, disjoint_index, float_column, index_order, int_column, json_column, reorder,
 )
+from avdiag.measure.precision import f32
 from avdiag.models.parts import AVParts
 from avdiag.results import finite
 
 
 def true_class(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: whether the argmax is the label, and the softmax at the label."""
-    logits = logits.float()
+    logits = f32(logits)
     prob = F.softmax(logits, dim=-1).gather(-1, label.long().unsqueeze(-1)).squeeze(-1)
     return logits.argmax(dim=-1) == label, prob
 

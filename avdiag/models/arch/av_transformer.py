@@ -33,10 +33,12 @@ MLP_RATIO = 2
 
 
 def sinusoidal_positions(n: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(n, dim) fixed positional encodings (sin on even, cos on odd features)."""
-    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n, dim, device=device, dtype=torch.float32)
+    """(n, dim) fixed positional encodings (sin on even, cos on odd features), computed in float32 or
+    wider (a float64 model gets a float64 table)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    pos = torch.arange(n, device=device, dtype=wide)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=wide) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim, device=device, dtype=wide)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return table.to(dtype)
