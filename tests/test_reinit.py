@@ -510,6 +510,24 @@ def test_relearn_purities_match_an_independent_computation(relearn):
         assert abs(result.diagnosis[m]["purity_heldout"] - expected_held) <= 1e-12, m
 
 
+def test_relearn_features_pool_clips_of_several_frames_as_the_model_does():
+    """The diagnosis hooks the visual encoder, which sees the frames folded into the batch: its maps are
+    averaged over space, then over each clip's frames (3 here), equal to the computation above."""
+    from avdiag.data import make_loader
+    from avdiag.locate.resolve import ResolvedModel
+    from avdiag.measure.contribution.learning_state import encoder_features
+
+    torch.manual_seed(0)
+    model = _ogm().eval()
+    batches = list(make_loader(open_dataset(SYNTHETIC + ",frames=3,size=16"), batch_size=8))
+    resolved = ResolvedModel(model, "test", ("audio", "visual"))
+    got, labels = encoder_features(resolved, {"audio": "audio_net.", "visual": "visual_net."}, batches, "cpu")
+    want, want_labels = _encoder_features(model, batches)
+    assert np.array_equal(labels, want_labels)
+    for m in ("audio", "visual"):
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-6)
+
+
 def test_relearn_rewrites_exactly_the_encoder_weights(relearn):
     src, out, result, init = relearn
     sd = _strip(_load(src)["model"])

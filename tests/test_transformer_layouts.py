@@ -212,7 +212,7 @@ def test_relearn_on_the_built_in_transformer_diagnoses_on_data_and_rewrites_its_
                 m.bias.uniform_(-0.1, 0.1)
     src, out = tmp_path / "avt.pt", tmp_path / "relearned.pt"
     torch.save(model.state_dict(), src)
-    spec = "synthetic:n=16,classes=4,audio=0.9,visual=0.3,seed=1,f=16,t=16,size=16,frames=1"
+    spec = "synthetic:n=16,classes=4,audio=0.9,visual=0.3,seed=1,f=16,t=16,size=16,frames=2"  # the encoder pools 2 frames itself
     result = cli("reinit", src, "--out", out, "--method", "relearn", "--data", spec, "--device", "cpu",
                  "--batch-size", "8", "--alpha-visual", "0", "--json", "-", "-q").json()
     alpha = result["diagnosis"]["audio"]["alpha"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from scipy.cluster.vq import kmeans2
 
 from avdiag.locate.resolve import ResolvedModel, out_of_memory_as_error
@@ -73,23 +74,24 @@ def cluster_purity(features: np.ndarray, labels: np.ndarray, k: int, seed: int =
 def encoder_features(resolved: ResolvedModel, prefixes: dict[str, str], batches: Iterable[dict],
                      device: torch.device, *, tf32: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled output of each modality's encoder (eval mode, forward hooks, full float32 unless
-    ``tf32``), and the labels."""
+    ``tf32``), and the labels. The encoder is the model's ``audio_encoder`` / ``visual_encoder`` when
+    it follows the adapter protocol (they give pooled features), else the module at the modality's
+    prefix (feature maps, pooled here, frames folded into the batch or not)."""
     model = resolved.to(device).eval()
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in prefixes}
     labels = []
     handles = []
-    frames = {"t": 1}
-    for modality, prefix in prefixes.items():
-        module = model.get_submodule(prefix[len(resolved.name_prefix):].rstrip("."))
+    batch = {"size": 1}
+    for modality, module in _encoder_modules(model, resolved, prefixes).items():
         handles.append(module.register_forward_hook(
-            lambda _m, _i, out, m=modality: feats[m].append(_pool(out, frames["t"] if m == "visual" else 1))))
+            lambda _m, _i, out, m=modality: feats[m].append(_pool(out, batch["size"]))))
     try:
         with torch.inference_mode(), full_fp32(device, enabled=not tf32), out_of_memory_as_error():
-            for batch in batches:
-                inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                frames["t"] = inputs["visual"].shape[2] if "visual" in inputs else 1
+            for raw in batches:
+                inputs = {k: v.to(device, non_blocking=True) for k, v in raw.items() if isinstance(v, torch.Tensor)}
+                batch["size"] = int(inputs["label"].shape[0])
                 resolved(inputs)
-                labels.append(batch["label"].cpu())
+                labels.append(raw["label"].cpu())
     finally:
         for h in handles:
             h.remove()
@@ -97,10 +99,18 @@ def encoder_features(resolved: ResolvedModel, prefixes: dict[str, str], batches:
             torch.cat(labels).numpy().astype(np.int64))
 
 
-def _pool(out: torch.Tensor, frames: int) -> torch.Tensor:
-    """(B*T, C, h, w) encoder maps -> (B, C), averaged over frames and space."""
+def _encoder_modules(model: nn.Module, resolved: ResolvedModel, prefixes: dict[str, str]) -> dict[str, nn.Module]:
+    adapter = {m: getattr(model, f"{m}_encoder", None) for m in prefixes}
+    if all(isinstance(e, nn.Module) for e in adapter.values()):
+        return adapter
+    return {m: model.get_submodule(p[len(resolved.name_prefix):].rstrip(".")) for m, p in prefixes.items()}
+
+
+def _pool(out: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B*T, C, ...) encoder maps of T frames folded into the batch, (B, C, ...) maps or (B, C) pooled
+    features -> (B, C), averaged over frames and space."""
     pooled = f32(out).mean(dim=tuple(range(2, out.dim()))) if out.dim() > 2 else f32(out)
-    return pooled.reshape(-1, frames, pooled.shape[-1]).mean(dim=1)
+    return pooled.reshape(batch_size, -1, pooled.shape[-1]).mean(dim=1)
 
 
 # ---- over AVParts: the pooled features of a pass, and the result ---------------------------------
