@@ -151,7 +151,7 @@ class _Recorder(TorchFunctionMode):
         name = _op_name(getattr(func, "__name__", str(func)))
         if name == "hardtanh":
             name = _hardtanh_of(args[1:], kwargs)
-        self.calls.append((name, {id(t) for t in _tensors((args, kwargs))}, out))
+        self.calls.append((name, {id(t) for t in tensors_in((args, kwargs))}, out))
         return out
 
 
@@ -183,15 +183,16 @@ def _call_consumers(tensor_id: int, calls: list[tuple[str, set[int], Any]], star
     return out or {"none"}
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value``, through nested lists, tuples and dict values (a model's outputs)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _tensors(item)
+            yield from tensors_in(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _tensors(item)
+            yield from tensors_in(item)
 
 
 # ---- names -----------------------------------------------------------------------------------------

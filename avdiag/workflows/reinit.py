@@ -21,6 +21,7 @@ import torch
 from avdiag._version import __version__
 from avdiag.errors import ModelError, UsageError, VerificationError
 from avdiag.load import Checkpoint
+from avdiag.locate.consumers import tensors_in
 from avdiag.measure.thresholds import Thresholds
 from avdiag.results import CheckpointRef, envelope, finite
 from avdiag.rewrite import methods
@@ -393,7 +394,7 @@ def _forward_check(original: Subject, written: Subject, method: methods.Method, 
         if data is not None:
             raise
         return f"skipped (the model does not take avdiag's synthetic batch: {e}; pass --data to check)", None
-    tensors = [t for t in _flatten(outputs) if isinstance(t, torch.Tensor)]
+    tensors = list(tensors_in(outputs))
     if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise VerificationError("a forward pass of the rewritten model gives non-finite outputs; nothing was written")
     return "finite", _output_change(original, data, batch, device, tensors)
@@ -406,8 +407,7 @@ def _output_change(original: Subject, data: DataSource | None, batch: dict[str, 
     try:
         factory = data.model if data is not None else None
         resolved = original.model(factory, data.visual_layout if data is not None else None)
-        before = [t for t in _flatten(_run(resolved, batch, device, data.amp if data is not None else False))
-                  if isinstance(t, torch.Tensor)]
+        before = list(tensors_in(_run(resolved, batch, device, data.amp if data is not None else False)))
     except ModelError:
         return None
     pairs = [(a, b) for a, b in zip(before, after) if a.shape == b.shape]
@@ -432,17 +432,6 @@ def _synthetic_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"audio": torch.randn(2, 128, 96, generator=g), "visual": torch.randn(2, 3, 1, 64, 64, generator=g),
             "label": torch.zeros(2, dtype=torch.long)}
-
-
-def _flatten(x: Any) -> Iterator[Any]:
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            yield from _flatten(item)
-    elif isinstance(x, dict):
-        for item in x.values():
-            yield from _flatten(item)
-    else:
-        yield x
 
 
 def _changes(ckpt: Checkpoint, new: dict[str, torch.Tensor]) -> list[RewrittenTensor]:
